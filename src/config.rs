@@ -1,0 +1,35 @@
+//! Server configuration, built once in `main` from the command line and
+//! environment, then passed down. Library code never reads argv or env.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Stdio,
+    Http,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub transport: TransportKind,
+    pub host: String,
+    pub port: u16,
+    /// Parent of every session folder.
+    pub data_dir: PathBuf,
+    /// Interpreter for kernels; `None` means the provisioned environment.
+    pub python: Option<PathBuf>,
+    /// Where provisioned kernel environments live.
+    pub envs_dir: PathBuf,
+    /// Interpreter used to create the provisioned environment.
+    pub base_python: PathBuf,
+    pub session_timeout: Duration,
+    pub cleanup_interval: Duration,
+    pub execution_timeout: Duration,
+    /// How long a cell gets to stop after an interrupt before its kernel is restarted.
+    pub interrupt_grace: Duration,
+    /// The server's own PATH, which kernels get after their environment's `bin`.
+    pub inherited_path: String,
+    /// How long a kernel may take to start.
+    pub kernel_start_timeout: Duration,
+}

@@ -1,0 +1,126 @@
+//! Command line: parse flags (with environment fallbacks), set up logging,
+//! provision the kernel environment, run the server.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use mcp_python_interpreter::config::{Config, TransportKind};
+use mcp_python_interpreter::{environment, serve};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Transport {
+    /// MCP over stdin/stdout (desktop clients). Logs go to stderr.
+    Stdio,
+    /// Streamable HTTP at http://HOST:PORT/mcp.
+    Http,
+}
+
+/// A stateful Python interpreter (Jupyter kernels) for AI assistants, served over MCP.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Transport to serve.
+    #[arg(long, value_enum, default_value = "http", env = "MCP_TRANSPORT")]
+    transport: Transport,
+    /// Address to listen on (HTTP).
+    #[arg(long, default_value = "127.0.0.1", env = "MCP_HOST")]
+    host: String,
+    /// Port to listen on (HTTP); 0 picks a free one (printed on stderr).
+    #[arg(long, default_value_t = 8000, env = "MCP_PORT")]
+    port: u16,
+    /// Folder that holds one sub-folder per session [default: per-user data dir/sessions].
+    #[arg(long, env = "MCP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Use this Python (it must have ipykernel) instead of the provisioned environment.
+    #[arg(long, env = "MCP_PYTHON")]
+    python: Option<PathBuf>,
+    /// Where the provisioned kernel environment lives [default: per-user data dir].
+    #[arg(long, env = "MCP_ENVS_DIR")]
+    envs_dir: Option<PathBuf>,
+    /// Python used to create the provisioned environment.
+    #[arg(long, default_value = "python3", env = "MCP_BASE_PYTHON")]
+    base_python: PathBuf,
+    /// Only provision the kernel environment, then exit.
+    #[arg(long)]
+    provision_only: bool,
+    /// Seconds without use after which a session expires.
+    #[arg(long, default_value_t = 1800, env = "MCP_SESSION_TIMEOUT")]
+    session_timeout: u64,
+    /// Seconds between sweeps for expired sessions.
+    #[arg(long, default_value_t = 300, env = "MCP_CLEANUP_INTERVAL")]
+    cleanup_interval: u64,
+    /// Default time limit of one execute_code call, in seconds.
+    #[arg(long, default_value_t = 300.0, env = "MCP_EXECUTION_TIMEOUT")]
+    execution_timeout: f64,
+    /// Log level (error, warn, info, debug, trace), or a tracing filter.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(args.log_level.to_lowercase())
+                .context("invalid --log-level")?,
+        )
+        .init();
+
+    let home_data = user_data_dir().join("mcp-python-interpreter");
+    let envs_dir = args.envs_dir.clone().unwrap_or_else(|| home_data.clone());
+    let python = match &args.python {
+        Some(p) => environment::existing(p)?,
+        None => environment::provision(&envs_dir, &args.base_python)?,
+    };
+    if args.provision_only {
+        eprintln!("kernel environment: {}", python.python.display());
+        return Ok(());
+    }
+    anyhow::ensure!(
+        args.execution_timeout.is_finite() && args.execution_timeout > 0.0,
+        "--execution-timeout must be a positive number of seconds"
+    );
+    anyhow::ensure!(args.session_timeout > 0 && args.cleanup_interval > 0, "timeouts must be positive");
+
+    let config = Config {
+        transport: match args.transport {
+            Transport::Stdio => TransportKind::Stdio,
+            Transport::Http => TransportKind::Http,
+        },
+        host: args.host,
+        port: args.port,
+        data_dir: args.data_dir.unwrap_or_else(|| home_data.join("sessions")),
+        python: args.python,
+        envs_dir,
+        base_python: args.base_python,
+        session_timeout: Duration::from_secs(args.session_timeout),
+        cleanup_interval: Duration::from_secs(args.cleanup_interval),
+        execution_timeout: Duration::from_secs_f64(args.execution_timeout),
+        interrupt_grace: Duration::from_secs(5),
+        inherited_path: std::env::var("PATH").unwrap_or_default(),
+        kernel_start_timeout: Duration::from_secs(60),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(serve::run(config, python));
+    // A blocked stdin read cannot be cancelled; don't wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    result.map_err(Into::into)
+}
+
+/// `$XDG_DATA_HOME`, else `~/.local/share`, else the temp folder.
+fn user_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share"),
+        None => std::env::temp_dir(),
+    }
+}

@@ -1,0 +1,311 @@
+//! The MCP surface: tools, resources, and the conversion of domain results
+//! into tool results. The only module that knows MCP and JSON.
+//!
+//! Two error channels: what the model should read (a Python exception, a
+//! timeout, an unknown session, a dead kernel) is a normal tool result with
+//! `isError: true`; malformed arguments are JSON-RPC `invalid_params`.
+
+mod resources;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::handler::server::common::{schema_for_input, schema_for_output};
+use rmcp::handler::server::tool::ToolRouter;
+use rmcp::model::{
+    CallToolResult, Implementation, JsonObject, ListResourceTemplatesResult, ListResourcesResult,
+    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
+    ServerConfig,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::session::{ExecutionReport, Registry, SessionError};
+use crate::workspace::FileInfo;
+use types::*;
+
+/// Longest `timeout` a call may ask for (one day).
+const MAX_TIMEOUT_SECS: f64 = 86_400.0;
+
+/// The MCP server handler. Cheap to clone: one per HTTP request or stdio connection.
+#[derive(Clone)]
+pub struct Interpreter {
+    registry: Arc<Registry>,
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl Interpreter {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        Self {
+            registry,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// Execute Python code in a persistent Jupyter (IPython) kernel. Variables, imports and
+    /// files persist between calls of the same session. matplotlib/seaborn figures shown with
+    /// plt.show() (or left open) and plotly fig.show() are saved as PNG files; every file the
+    /// code writes is listed in `files` and readable as the resource `kernel://{session_id}/{path}`.
+    /// Use "" as session_id to start a new session. `!pip install NAME` works. There is no
+    /// interactive input (input() fails at once).
+    #[tool(
+        input_schema = schema_for_input::<ExecuteCodeArgs>().expect("object schema"),
+        output_schema = schema_for_output::<ExecuteCodeResult>()
+    )]
+    async fn execute_code(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        let args: ExecuteCodeArgs = parse(args)?;
+        let timeout = match args.timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_SECS => Some(Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(McpError::invalid_params(
+                    format!("timeout must be a number of seconds in (0, {MAX_TIMEOUT_SECS}], got {t}"),
+                    None,
+                ));
+            }
+        };
+        let raw_id = args.session_id.unwrap_or_default();
+        let new_session = raw_id.is_empty() || raw_id == "0";
+        let session = if new_session {
+            self.registry.create().await
+        } else {
+            self.registry.get(&raw_id).await
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => return Ok(execute_failure(&raw_id, e)),
+        };
+        let report = match self.registry.execute(&session, args.code, timeout).await {
+            Ok(r) => r,
+            Err(e) => return Ok(execute_failure(session.id.as_str(), e)),
+        };
+        let id = session.id.as_str();
+        let session_info = new_session.then(|| SessionInfo {
+            session_id: id.to_string(),
+            instructions: self.session_instructions(id),
+        });
+        Ok(render(&execute_result(id, report, session_info), false))
+    }
+
+    /// List every file in a session's folder, with its resource URI, MIME type and size.
+    #[tool(
+        input_schema = schema_for_input::<SessionArgs>().expect("object schema"),
+        output_schema = schema_for_output::<ListFilesResult>()
+    )]
+    async fn list_session_files(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        let args: SessionArgs = parse(args)?;
+        match self.registry.get(&args.session_id).await {
+            Ok(s) => {
+                let files = s.files().await.iter().map(|f| file_ref(s.id.as_str(), f)).collect();
+                Ok(render(
+                    &ListFilesResult {
+                        session_id: s.id.to_string(),
+                        files,
+                        error: None,
+                    },
+                    false,
+                ))
+            }
+            Err(e) => Ok(render(
+                &ListFilesResult {
+                    session_id: args.session_id,
+                    files: Vec::new(),
+                    error: Some(model_error(&e)),
+                },
+                true,
+            )),
+        }
+    }
+
+    /// End a session now: shut its kernel down and delete its folder and files.
+    #[tool(
+        input_schema = schema_for_input::<SessionArgs>().expect("object schema"),
+        output_schema = schema_for_output::<ClearSessionResult>()
+    )]
+    async fn clear_session(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+        let args: SessionArgs = parse(args)?;
+        match self.registry.remove(&args.session_id).await {
+            Ok(()) => Ok(render(
+                &ClearSessionResult {
+                    success: true,
+                    message: format!(
+                        "Session {} cleared: its kernel was shut down and its files deleted.",
+                        args.session_id
+                    ),
+                },
+                false,
+            )),
+            Err(e) => Ok(render(
+                &ClearSessionResult {
+                    success: false,
+                    message: model_error(&e),
+                },
+                true,
+            )),
+        }
+    }
+}
+
+impl Interpreter {
+    fn session_instructions(&self, id: &str) -> String {
+        let mins = self.registry.settings().idle_timeout.as_secs().div_ceil(60);
+        format!(
+            "Use this `session_id` (\"{id}\") in subsequent execute_code calls to keep variables, \
+             imports and files. The session expires after {mins} minutes without use; after that, \
+             start a new session and re-run your setup code. Files are readable as resources \
+             kernel://{id}/{{path}} and listed by list_session_files."
+        )
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Interpreter {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            env!("CARGO_PKG_NAME"),
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_instructions(
+            "A stateful Python interpreter. Call execute_code with session_id \"\" to start a \
+             session, then reuse the returned session_id. Figures and files the code writes are \
+             returned in `files` and readable as resources kernel://{session_id}/{path}.",
+        )
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, McpError> {
+        // Session files are reachable only by who knows the session id: listing
+        // them here would hand every client every session's id.
+        Ok(ListResourcesResult::with_all_items(Vec::new()))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, McpError> {
+        Ok(ListResourceTemplatesResult::with_all_items(vec![resources::template()]))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, McpError> {
+        resources::read(&self.registry, &request.uri)
+            .await
+            .map(Into::into)
+    }
+}
+
+/// Deserialises tool arguments; a mismatch is `invalid_params` with serde's explanation.
+fn parse<T: DeserializeOwned>(args: JsonObject) -> Result<T, McpError> {
+    serde_json::from_value(serde_json::Value::Object(args))
+        .map_err(|e| McpError::invalid_params(format!("invalid arguments: {e}"), None))
+}
+
+/// Structured content plus the same JSON as text, for clients that read only text.
+fn render<T: Serialize>(value: &T, is_error: bool) -> CallToolResult {
+    let value = serde_json::to_value(value).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+    let mut result = CallToolResult::structured(value);
+    result.is_error = Some(is_error);
+    result
+}
+
+/// The message a model reads for a session-level failure.
+fn model_error(e: &SessionError) -> String {
+    match e {
+        SessionError::NotFound(id) => format!(
+            "SessionExpiredError: Session {id} not found or has expired (sessions end after a \
+             period without use, or when cleared). Start a new session with session_id \"\" \
+             and re-run your setup code (imports, data loading) before continuing."
+        ),
+        SessionError::Kernel(k) => format!("KernelStartError: {k}"),
+        SessionError::Io(io) => {
+            tracing::error!("session I/O failure: {io}");
+            "InternalError: the server could not prepare the session folder".to_string()
+        }
+    }
+}
+
+fn execute_failure(raw_id: &str, e: SessionError) -> CallToolResult {
+    let session_id = match &e {
+        SessionError::NotFound(_) => String::new(),
+        _ => raw_id.to_string(),
+    };
+    render(
+        &ExecuteCodeResult {
+            success: false,
+            session_id,
+            output: Vec::new(),
+            result: None,
+            error: Some(model_error(&e)),
+            traceback: Vec::new(),
+            files: Vec::new(),
+            session_info: None,
+        },
+        true,
+    )
+}
+
+fn execute_result(id: &str, r: ExecutionReport, session_info: Option<SessionInfo>) -> ExecuteCodeResult {
+    ExecuteCodeResult {
+        success: r.success,
+        session_id: id.to_string(),
+        output: r.output,
+        result: r.result,
+        error: r.error,
+        traceback: r.traceback,
+        files: r.files.iter().map(|f| file_ref(id, f)).collect(),
+        session_info,
+    }
+}
+
+fn file_ref(session_id: &str, f: &FileInfo) -> FileRef {
+    FileRef {
+        uri: resources::uri(session_id, &f.path),
+        mime_type: f.mime.clone(),
+        name: f.path.clone(),
+        size: f.size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_errors_render_as_tool_results_not_protocol_errors() {
+        let r = render(
+            &execute_result(
+                "abc",
+                ExecutionReport {
+                    success: false,
+                    error: Some("ZeroDivisionError: division by zero".into()),
+                    ..Default::default()
+                },
+                None,
+            ),
+            true,
+        );
+        assert_eq!(r.is_error, Some(true));
+        let v = r.structured_content.unwrap();
+        assert_eq!(v["error"], "ZeroDivisionError: division by zero");
+        assert_eq!(v["success"], false);
+        let text = r.content[0].as_text().unwrap().text.clone();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), v);
+    }
+}

@@ -1,0 +1,98 @@
+//! `kernel://{session_id}/{path}` resources: URIs, and reading files safely.
+
+use base64::Engine;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use rmcp::ErrorData as McpError;
+use rmcp::model::{ReadResourceResult, ResourceContents, ResourceTemplate};
+
+use crate::session::Registry;
+use crate::workspace::{self, PathError};
+
+const SCHEME: &str = "kernel://";
+/// Largest file served through a resource read.
+const MAX_RESOURCE_BYTES: u64 = 64 * 1024 * 1024;
+/// Characters left as they are in a URI path segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+pub fn template() -> ResourceTemplate {
+    ResourceTemplate::new("kernel://{session_id}/{path}", "session-file")
+        .with_title("Session file")
+        .with_description(
+            "A file in an interpreter session's folder (figures, CSVs, anything the code wrote). \
+             `path` is relative to the session folder and may contain '/'.",
+        )
+}
+
+/// The URI of `rel` (a `/`-separated relative path) in a session.
+pub fn uri(session_id: &str, rel: &str) -> String {
+    let path: Vec<String> = rel
+        .split('/')
+        .map(|seg| utf8_percent_encode(seg, SEGMENT).to_string())
+        .collect();
+    format!("{SCHEME}{session_id}/{}", path.join("/"))
+}
+
+pub async fn read(registry: &Registry, uri: &str) -> Result<ReadResourceResult, McpError> {
+    let rest = uri.strip_prefix(SCHEME).ok_or_else(|| {
+        McpError::invalid_params(format!("unsupported resource URI {uri:?}: expected kernel://{{session_id}}/{{path}}"), None)
+    })?;
+    let (session_id, rel) = rest.split_once('/').ok_or_else(|| {
+        McpError::invalid_params("resource URI has no file path: expected kernel://{session_id}/{path}", None)
+    })?;
+    let session = registry.get(session_id).await.map_err(|e| {
+        McpError::resource_not_found(
+            format!("{e}; start a new session with execute_code and session_id \"\""),
+            None,
+        )
+    })?;
+    let path = session.workspace.resolve(rel).map_err(|e| match e {
+        PathError::NotFound => McpError::resource_not_found(format!("no file {rel:?} in session {session_id}"), None),
+        other => McpError::invalid_params(format!("refused resource path {rel:?}: {other}"), None),
+    })?;
+    let meta = tokio::fs::metadata(&path)
+        .await
+        .map_err(|_| McpError::resource_not_found(format!("no file {rel:?} in session {session_id}"), None))?;
+    if !meta.is_file() {
+        return Err(McpError::invalid_params(format!("{rel:?} is a folder, not a file; list_session_files lists the files"), None));
+    }
+    if meta.len() > MAX_RESOURCE_BYTES {
+        return Err(McpError::invalid_params(
+            format!("{rel:?} is {} bytes; files over {MAX_RESOURCE_BYTES} bytes are not served", meta.len()),
+            None,
+        ));
+    }
+    let bytes = tokio::fs::read(&path).await.map_err(|e| {
+        tracing::warn!("reading {}: {e}", path.display());
+        McpError::internal_error("could not read the file", None)
+    })?;
+    let rel_str = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mime = workspace::mime_for(&rel_str);
+    let contents = if workspace::is_textual(&mime) {
+        match String::from_utf8(bytes) {
+            Ok(text) => ResourceContents::text(text, uri.to_string()).with_mime_type(mime),
+            Err(e) => blob(e.into_bytes(), uri, mime),
+        }
+    } else {
+        blob(bytes, uri, mime)
+    };
+    Ok(ReadResourceResult::new(vec![contents]))
+}
+
+fn blob(bytes: Vec<u8>, uri: &str, mime: String) -> ResourceContents {
+    ResourceContents::blob(base64::engine::general_purpose::STANDARD.encode(bytes), uri.to_string()).with_mime_type(mime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_encode_each_segment() {
+        assert_eq!(uri("abc", "plot.png"), "kernel://abc/plot.png");
+        assert_eq!(uri("abc", "out/my data.csv"), "kernel://abc/out/my%20data.csv");
+        assert_eq!(uri("abc", "a%b"), "kernel://abc/a%25b");
+    }
+}

@@ -1,0 +1,170 @@
+//! Running the server: builds the parts from a [`Config`], serves one
+//! transport, and shuts everything down in order.
+//!
+//! Shutdown is a tree: one root [`CancellationToken`] (fired by SIGINT,
+//! SIGTERM, or the end of the stdio stream) reaches the transport, the expiry
+//! task and every kernel task; a [`TaskTracker`] is then waited for, with a
+//! bound, so no kernel outlives the server.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::ServiceExt;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, TransportKind};
+use crate::environment::KernelPython;
+use crate::kernel::local::LocalKernelConfig;
+use crate::kernel::LocalKernelFactory;
+use crate::mcp::Interpreter;
+use crate::session::{Registry, SessionSettings, expiry};
+
+/// Largest HTTP request body accepted (code and arguments).
+const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// How long shutdown waits for kernels before giving up on them.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("transport failed: {0}")]
+    Transport(String),
+}
+
+/// Runs the server until a signal (or, over stdio, the end of input).
+pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError> {
+    create_private_dir(&config.data_dir)?;
+    let runtime_dir = std::env::temp_dir().join(format!("mcp-python-interpreter-{}", crate::random_token(10)));
+    create_private_dir(&runtime_dir)?;
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let factory = LocalKernelFactory::new(
+        LocalKernelConfig {
+            python: python.python.clone(),
+            runtime_dir: runtime_dir.clone(),
+            env: kernel_env(&python, &config.inherited_path),
+            start_timeout: config.kernel_start_timeout,
+        },
+        shutdown.child_token(),
+        tracker.clone(),
+    );
+    let registry = Arc::new(Registry::new(
+        Arc::new(factory),
+        SessionSettings {
+            data_dir: config.data_dir.clone(),
+            idle_timeout: config.session_timeout,
+            execution_timeout: config.execution_timeout,
+            interrupt_grace: config.interrupt_grace,
+        },
+    ));
+    tracker.spawn(expiry::run(registry.clone(), config.cleanup_interval, shutdown.child_token()));
+    tracker.spawn(watch_signals(shutdown.clone()));
+
+    let served = match config.transport {
+        TransportKind::Stdio => serve_stdio(registry.clone(), shutdown.clone()).await,
+        TransportKind::Http => serve_http(&config, registry.clone(), shutdown.clone()).await,
+    };
+
+    tracing::info!("shutting down: closing {} session(s)", registry.len());
+    shutdown.cancel();
+    registry.shutdown().await;
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait()).await.is_err() {
+        tracing::warn!("some kernel tasks did not finish within {SHUTDOWN_WAIT:?}");
+    }
+    let _ = std::fs::remove_dir_all(&runtime_dir);
+    served
+}
+
+async fn serve_stdio(registry: Arc<Registry>, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let service = Interpreter::new(registry)
+        .serve_with_ct(rmcp::transport::stdio(), shutdown.child_token())
+        .await
+        .map_err(|e| ServeError::Transport(e.to_string()))?;
+    tracing::info!("serving MCP over stdio");
+    let _ = service.waiting().await;
+    Ok(())
+}
+
+async fn serve_http(config: &Config, registry: Arc<Registry>, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+    let local: SocketAddr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let host = config.host.trim_start_matches('[').trim_end_matches(']').to_string();
+    if !hosts.contains(&host) {
+        hosts.push(host);
+    }
+    let http_config = StreamableHttpServerConfig::default()
+        .with_allowed_hosts(hosts)
+        .with_max_request_body_bytes(MAX_REQUEST_BYTES)
+        .with_cancellation_token(shutdown.child_token());
+    let service: StreamableHttpService<Interpreter, LocalSessionManager> = StreamableHttpService::new(
+        move || Ok(Interpreter::new(registry.clone())),
+        Arc::new(LocalSessionManager::default()),
+        http_config,
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    // Tests and scripts read this line to find the port when started with --port 0.
+    eprintln!("mcp-python-interpreter: listening on http://{local}/mcp");
+    tracing::info!("serving MCP over streamable HTTP at http://{local}/mcp");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|e| ServeError::Transport(e.to_string()))
+}
+
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}
+
+/// Environment of every kernel.
+fn kernel_env(python: &KernelPython, inherited_path: &str) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    if let Some(bin) = &python.bin_dir {
+        env.insert("PATH".into(), format!("{}:{inherited_path}", bin.display()));
+        if let Some(venv) = bin.parent() {
+            env.insert("VIRTUAL_ENV".into(), venv.display().to_string());
+        }
+    }
+    // plotly's fig.show() emits a PNG (via kaleido), which is saved as a file.
+    env.insert("PLOTLY_RENDERER".into(), "png".into());
+    env.insert("JUPYTER_PLATFORM_DIRS".into(), "1".into());
+    env.insert("PYTHONUNBUFFERED".into(), "1".into());
+    env.insert("PYDEVD_DISABLE_FILE_VALIDATION".into(), "1".into());
+    env
+}
+
+fn create_private_dir(path: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| ServeError::Dir { path: path.to_path_buf(), source })
+}

@@ -1,0 +1,200 @@
+//! Running one cell in a session: the kernel's events, the time limit, the
+//! files that changed, and recovery when the kernel dies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::output::{CellOutput, Collector};
+use super::{Registry, Session, SessionError, State};
+use crate::kernel::{ExecEnd, ExecMessage, ExecutionStream, KernelError};
+use crate::workspace::{Change, FileInfo};
+
+/// What one call produced, in domain terms (the MCP layer renders it).
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionReport {
+    pub success: bool,
+    pub output: Vec<String>,
+    pub result: Option<String>,
+    /// `ExceptionName: message`, also for `TimeoutError` and `KernelDiedError`.
+    pub error: Option<String>,
+    pub traceback: Vec<String>,
+    /// Files this call created or changed.
+    pub files: Vec<FileInfo>,
+}
+
+/// How the wait for a cell ended.
+enum Outcome {
+    Completed,
+    Died(String),
+    /// Interrupted at the deadline; `stopped` tells whether the cell then ended.
+    TimedOut { stopped: bool },
+}
+
+impl Registry {
+    /// Runs `code` in `session`, waiting for calls queued before it.
+    pub async fn execute(
+        &self,
+        session: &Arc<Session>,
+        code: String,
+        timeout: Option<Duration>,
+    ) -> Result<ExecutionReport, SessionError> {
+        let limit = timeout.unwrap_or(self.settings.execution_timeout);
+        let mut state = session.state.lock().await;
+        if state.closed {
+            return Err(SessionError::NotFound(format!("'{}'", session.id)));
+        }
+        session.touch();
+        let report = self.run_locked(session, &mut state, code, limit).await;
+        session.touch();
+        report
+    }
+
+    async fn run_locked(
+        &self,
+        session: &Session,
+        state: &mut State,
+        code: String,
+        limit: Duration,
+    ) -> Result<ExecutionReport, SessionError> {
+        let mut notes: Vec<String> = state.notice.take().into_iter().collect();
+        let stream = match self.start_cell(session, state, code.clone()).await {
+            Ok(s) => s,
+            Err(SessionError::Kernel(KernelError::Dead(detail))) => {
+                // Died between calls: start afresh and say the state is gone.
+                state.kernel = None;
+                notes.push(lost_state_note(&detail));
+                self.start_cell(session, state, code).await?
+            }
+            Err(e) => return Err(e),
+        };
+
+        let deadline = Instant::now() + limit;
+        let mut collector = Collector::default();
+        let outcome = self.wait(stream, &mut collector, state, deadline).await;
+        let mut cell: CellOutput = collector.finish();
+
+        let mut report = ExecutionReport {
+            success: cell.error.is_none(),
+            ..Default::default()
+        };
+        match outcome {
+            Outcome::Completed => {}
+            Outcome::Died(detail) => {
+                state.kernel = None;
+                report.success = false;
+                cell.error = Some(format!(
+                    "KernelDiedError: the Python kernel died while running this code ({detail}). \
+                     All variables and imports are lost. Files in the session folder are kept; \
+                     the next call in this session starts a fresh kernel, so re-run your setup code."
+                ));
+                state.notice = Some(lost_state_note(&detail));
+            }
+            Outcome::TimedOut { stopped } => {
+                report.success = false;
+                let secs = limit.as_secs_f64();
+                cell.error = Some(if stopped {
+                    format!(
+                        "TimeoutError: execution exceeded the {secs:.0} s limit and was interrupted. \
+                         The session and its variables are kept; pass a larger `timeout` for long work."
+                    )
+                } else {
+                    if let Some(k) = state.kernel.take() {
+                        k.shutdown().await;
+                    }
+                    state.notice = Some(
+                        "The previous call's kernel did not stop after an interrupt and was restarted: \
+                         variables and imports are lost, files are kept. Re-run your setup code."
+                            .into(),
+                    );
+                    format!(
+                        "TimeoutError: execution exceeded the {secs:.0} s limit and did not stop when \
+                         interrupted, so the kernel was restarted. Variables are lost; files are kept."
+                    )
+                });
+            }
+        }
+
+        for img in std::mem::take(&mut cell.images) {
+            if let Err(e) = session.workspace.save_new("figure", img.ext, img.bytes).await {
+                tracing::warn!(session = %session.id, "could not save a figure: {e}");
+            }
+        }
+        let after = session.workspace.snapshot().await;
+        let changes = state.baseline.changes(&after);
+        state.baseline = after;
+
+        report.output = notes.into_iter().map(|n| format!("[{n}]\n")).collect();
+        report.output.extend(cell.output);
+        for (f, change) in &changes {
+            let verb = match change {
+                Change::Created => "File created",
+                Change::Updated => "File updated",
+            };
+            report
+                .output
+                .push(format!("{verb}: {} ({}, {} bytes)", f.path, f.mime, f.size));
+        }
+        report.files = changes.into_iter().map(|(f, _)| f).collect();
+        report.result = cell.result;
+        report.error = cell.error;
+        report.traceback = cell.traceback;
+        Ok(report)
+    }
+
+    /// Sends the code to the session's kernel, starting one if it has none.
+    async fn start_cell(
+        &self,
+        session: &Session,
+        state: &mut State,
+        code: String,
+    ) -> Result<ExecutionStream, SessionError> {
+        if state.kernel.is_none() {
+            state.kernel = Some(self.factory.start(session.workspace.root()).await?);
+        }
+        let kernel = state.kernel.as_ref().expect("kernel just set");
+        Ok(kernel.execute(code).await?)
+    }
+
+    async fn wait(
+        &self,
+        mut stream: ExecutionStream,
+        collector: &mut Collector,
+        state: &State,
+        deadline: Instant,
+    ) -> Outcome {
+        let mut interrupted_at: Option<Instant> = None;
+        loop {
+            let until = match interrupted_at {
+                None => deadline,
+                Some(t) => t + self.settings.interrupt_grace,
+            };
+            match tokio::time::timeout_at(until, stream.recv()).await {
+                Ok(Some(ExecMessage::Event(ev))) => collector.push(ev),
+                Ok(Some(ExecMessage::End(ExecEnd::Completed))) => {
+                    return match interrupted_at {
+                        None => Outcome::Completed,
+                        Some(_) => Outcome::TimedOut { stopped: true },
+                    };
+                }
+                Ok(Some(ExecMessage::End(ExecEnd::Died { detail }))) => return Outcome::Died(detail),
+                Ok(None) => return Outcome::Died("the kernel task stopped".into()),
+                Err(_) if interrupted_at.is_none() => {
+                    if let Some(k) = &state.kernel {
+                        k.interrupt().await;
+                    }
+                    interrupted_at = Some(Instant::now());
+                }
+                Err(_) => return Outcome::TimedOut { stopped: false },
+            }
+        }
+    }
+}
+
+fn lost_state_note(detail: &str) -> String {
+    format!(
+        "Note: the previous kernel of this session died ({detail}); this call ran in a fresh kernel. \
+         Variables and imports from earlier calls are lost (files are kept): re-run your setup code."
+    )
+}
