@@ -64,7 +64,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(args.log_level.to_lowercase())
+            // zeromq logs every kernel disconnect at info; keep it to real problems.
+            tracing_subscriber::EnvFilter::try_new(format!("{},zeromq=error", args.log_level.to_lowercase()))
                 .context("invalid --log-level")?,
         )
         .init();

@@ -88,7 +88,8 @@ impl Interpreter {
             session_id: id.to_string(),
             instructions: self.session_instructions(id),
         });
-        Ok(render(&execute_result(id, report, session_info), false))
+        let failed = !report.success;
+        Ok(render(&execute_result(id, report, session_info), failed))
     }
 
     /// List every file in a session's folder, with its resource URI, MIME type and size.

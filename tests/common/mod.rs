@@ -1,0 +1,152 @@
+//! Test harness: start the real server binary and connect rmcp's client to it,
+//! over stdio or streamable HTTP (port 0, read back from stderr).
+#![allow(dead_code)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use rmcp::model::{CallToolRequestParams, CallToolResult, ReadResourceRequestParams, ResourceContents};
+use rmcp::service::RunningService;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mcp-python-interpreter");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Stdio,
+    Http,
+}
+
+pub type Client = RunningService<RoleClient, ()>;
+
+/// A running server and a connected client. The data dir is a fresh temp dir.
+pub struct Server {
+    pub client: Client,
+    pub data_dir: tempfile::TempDir,
+    /// The HTTP server process (stdio servers are owned by the client transport).
+    pub http: Option<Child>,
+    pub pid: u32,
+}
+
+pub async fn start(transport: Transport, extra: &[&str]) -> Server {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.path().display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    match transport {
+        Transport::Stdio => {
+            let mut cmd = Command::new(BIN);
+            cmd.arg("--transport").arg("stdio").args(&args).env("LOG_LEVEL", "warn");
+            let (proc, _stderr) = TokioChildProcess::builder(cmd).stderr(Stdio::inherit()).spawn().unwrap();
+            let pid = proc.id().unwrap();
+            let client = ().serve(proc).await.expect("connect over stdio");
+            Server { client, data_dir, http: None, pid }
+        }
+        Transport::Http => {
+            let mut child = Command::new(BIN)
+                .args(["--transport", "http", "--host", "127.0.0.1", "--port", "0"])
+                .args(&args)
+                .env("LOG_LEVEL", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let pid = child.id().unwrap();
+            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+            let url = tokio::time::timeout(Duration::from_secs(120), async {
+                while let Some(line) = lines.next_line().await.unwrap() {
+                    eprintln!("{line}");
+                    if let Some(url) = line.strip_prefix("mcp-python-interpreter: listening on ") {
+                        return url.to_string();
+                    }
+                }
+                panic!("server exited before listening");
+            })
+            .await
+            .expect("server did not start listening");
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("{line}");
+                }
+            });
+            let client = ()
+                .serve(StreamableHttpClientTransport::from_uri(url))
+                .await
+                .expect("connect over http");
+            Server { client, data_dir, http: Some(child), pid }
+        }
+    }
+}
+
+impl Server {
+    pub async fn call(&self, tool: &str, args: Value) -> CallToolResult {
+        call(&self.client, tool, args).await
+    }
+
+    /// `execute_code`, returning the structured result.
+    pub async fn exec(&self, session_id: &str, code: &str) -> Value {
+        self.call("execute_code", json!({"code": code, "session_id": session_id}))
+            .await
+            .structured_content
+            .expect("structured content")
+    }
+
+    /// Starts a session with `code`; returns (session id, result).
+    pub async fn new_session(&self, code: &str) -> (String, Value) {
+        let v = self.exec("", code).await;
+        assert_eq!(v["success"], true, "{v:#}");
+        (v["session_id"].as_str().unwrap().to_string(), v)
+    }
+
+    pub async fn read(&self, uri: &str) -> Result<ResourceContents, rmcp::ServiceError> {
+        let r = self.client.read_resource(ReadResourceRequestParams::new(uri)).await?;
+        Ok(r.contents.into_iter().next().expect("one content"))
+    }
+
+    /// Stops the server with SIGTERM and waits (bounded) for it to exit.
+    pub async fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if let Some(mut child) = self.http.take() {
+            let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+                .await
+                .expect("server did not exit after SIGTERM")
+                .unwrap();
+            assert!(status.success() || status.code().is_some(), "{status:?}");
+        }
+        let _ = self.client.cancel().await;
+    }
+}
+
+pub async fn call(client: &Client, tool: &str, args: Value) -> CallToolResult {
+    let args = args.as_object().cloned().unwrap();
+    client
+        .call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(args))
+        .await
+        .unwrap_or_else(|e| panic!("{tool} failed at protocol level: {e}"))
+}
+
+/// Waits (bounded) until process `pid` no longer exists.
+pub async fn wait_gone(pid: i32, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(true)
+}

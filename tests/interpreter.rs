@@ -1,0 +1,332 @@
+//! Integration tests: the real server binary, real ipykernel kernels, and
+//! rmcp's client over stdio and streamable HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::{Server, Transport, start};
+use rmcp::model::ResourceContents;
+use serde_json::json;
+
+fn blob_bytes(c: &ResourceContents) -> (Vec<u8>, Option<String>) {
+    match c {
+        ResourceContents::BlobResourceContents { blob, mime_type, .. } => (
+            base64::engine::general_purpose::STANDARD.decode(blob).unwrap(),
+            mime_type.clone(),
+        ),
+        other => panic!("expected a blob, got {other:?}"),
+    }
+}
+
+fn text_of(c: &ResourceContents) -> (String, Option<String>) {
+    match c {
+        ResourceContents::TextResourceContents { text, mime_type, .. } => (text.clone(), mime_type.clone()),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+const PNG: &[u8] = b"\x89PNG\r\n\x1a\n";
+
+/// Sessions, persistence, errors, figures, files, resources, clearing.
+async fn core_scenario(t: Transport) {
+    let s = start(t, &[]).await;
+
+    // New session, persistence, result of the last expression.
+    let (id, first) = s.new_session("x = 21\nprint('hello')").await;
+    assert!(id.len() >= 16 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    assert_eq!(first["output"], json!(["hello\n"]));
+    assert_eq!(first["session_info"]["session_id"], id.as_str());
+    assert!(first["session_info"]["instructions"].as_str().unwrap().contains(&id));
+    let v = s.exec(&id, "x * 2").await;
+    assert_eq!(v["result"], "42");
+    assert!(v["session_info"].is_null());
+
+    // A Python exception is a tool result, with a clean traceback.
+    let r = s.call("execute_code", json!({"code": "1/0", "session_id": id})).await;
+    assert_eq!(r.is_error, Some(true));
+    let v = r.structured_content.clone().unwrap();
+    assert_eq!(v["success"], false);
+    assert_eq!(v["error"], "ZeroDivisionError: division by zero");
+    let tb: Vec<String> = serde_json::from_value(v["traceback"].clone()).unwrap();
+    assert!(tb.iter().any(|l| l.contains("ZeroDivisionError")));
+    assert!(tb.iter().all(|l| !l.contains('\u{1b}')));
+    // The same JSON is in a text block.
+    let text = r.content[0].as_text().unwrap().text.clone();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), v);
+
+    // A figure saved and shown; a CSV in a subfolder.
+    let v = s
+        .exec(
+            &id,
+            "import matplotlib.pyplot as plt\nplt.plot([1,2,3],[1,4,9])\nplt.savefig('plot.png')\nplt.show()\n\
+             import os, pandas as pd\nos.makedirs('out', exist_ok=True)\n\
+             pd.DataFrame({'a':[1,2],'b':[3,4]}).to_csv('out/data.csv', index=False)",
+        )
+        .await;
+    assert_eq!(v["success"], true, "{v:#}");
+    let files = v["files"].as_array().unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"plot.png"), "{names:?}");
+    assert!(names.contains(&"figure_1.png"), "{names:?}");
+    assert!(names.contains(&"out/data.csv"), "{names:?}");
+    let output: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    assert!(output.contains(&"File created: out/data.csv (text/csv, 12 bytes)".to_string()), "{output:?}");
+    for f in files {
+        let uri = f["uri"].as_str().unwrap();
+        assert_eq!(uri, format!("kernel://{id}/{}", f["name"].as_str().unwrap()));
+        let c = s.read(uri).await.unwrap();
+        if f["mime_type"] == "image/png" {
+            let (bytes, mime) = blob_bytes(&c);
+            assert!(bytes.starts_with(PNG));
+            assert_eq!(bytes.len() as u64, f["size"].as_u64().unwrap());
+            assert_eq!(mime.as_deref(), Some("image/png"));
+        } else {
+            let (text, mime) = text_of(&c);
+            assert_eq!(text, "a,b\n1,3\n2,4\n");
+            assert_eq!(mime.as_deref(), Some("text/csv"));
+        }
+    }
+    // An unchanged file is not reported again; a changed one is.
+    let v = s.exec(&id, "open('out/data.csv','a').write('5,6\\n')").await;
+    let names: Vec<&str> = v["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["out/data.csv"]);
+
+    // Listing.
+    let l = s.call("list_session_files", json!({"session_id": id})).await;
+    let l = l.structured_content.unwrap();
+    assert_eq!(l["session_id"], id.as_str());
+    let listed: Vec<&str> = l["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(listed, vec!["figure_1.png", "out/data.csv", "plot.png"]);
+
+    // Clearing removes kernel and folder; the id is then unknown.
+    let folder = s.data_dir.path().join(&id);
+    assert!(folder.is_dir());
+    let c = s.call("clear_session", json!({"session_id": id})).await;
+    assert_eq!(c.structured_content.unwrap()["success"], true);
+    assert!(!folder.exists());
+    let v = s.exec(&id, "x").await;
+    assert_eq!(v["success"], false);
+    assert!(v["error"].as_str().unwrap().starts_with("SessionExpiredError:"), "{v}");
+    let l = s.call("list_session_files", json!({"session_id": id})).await;
+    assert!(l.structured_content.unwrap()["error"].as_str().unwrap().starts_with("SessionExpiredError:"));
+    let c = s.call("clear_session", json!({"session_id": id})).await;
+    assert_eq!(c.structured_content.unwrap()["success"], false);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn core_over_stdio() {
+    core_scenario(Transport::Stdio).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn core_over_http() {
+    core_scenario(Transport::Http).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resources_refuse_everything_outside_the_session() {
+    let s = start(Transport::Stdio, &[]).await;
+    let (id, _) = s
+        .new_session("import os\nopen('ok.txt','w').write('ok')\nos.symlink('/etc/passwd','link')")
+        .await;
+    std::fs::write(s.data_dir.path().join("outside.txt"), "secret").unwrap();
+    assert_eq!(text_of(&s.read(&format!("kernel://{id}/ok.txt")).await.unwrap()).0, "ok");
+    for bad in [
+        format!("kernel://{id}/../outside.txt"),
+        format!("kernel://{id}/%2e%2e/outside.txt"),
+        format!("kernel://{id}/%2E%2E%2Foutside.txt"),
+        format!("kernel://{id}//etc/passwd"),
+        format!("kernel://{id}/%2Fetc%2Fpasswd"),
+        format!("kernel://{id}/ok.txt%00"),
+        format!("kernel://{id}/link"),
+        format!("kernel://{id}/missing.txt"),
+        "kernel://../etc/passwd".to_string(),
+        "kernel://AAAAAAAAAAAAAAAAAAAAAA/ok.txt".to_string(),
+        "file:///etc/passwd".to_string(),
+    ] {
+        assert!(s.read(&bad).await.is_err(), "{bad} was served");
+    }
+    // Hostile ids never touch the file system.
+    for bad in ["/etc", "..", ".", "../../tmp", "0/../.."] {
+        let c = s.call("clear_session", json!({"session_id": bad})).await;
+        assert_eq!(c.structured_content.unwrap()["success"], false);
+        let l = s.call("list_session_files", json!({"session_id": bad})).await;
+        assert!(l.structured_content.unwrap()["error"].as_str().unwrap().starts_with("SessionExpiredError:"));
+    }
+    assert!(std::path::Path::new("/etc/passwd").exists());
+    assert!(s.data_dir.path().join("outside.txt").exists());
+    assert!(s.data_dir.path().join(&id).join("ok.txt").exists());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_arguments_are_invalid_params() {
+    let s = start(Transport::Stdio, &[]).await;
+    for args in [
+        json!({}),
+        json!({"code": 5}),
+        json!({"code": "1", "timeout": -1}),
+        json!({"code": "1", "session_id": 7}),
+    ] {
+        let err = s
+            .client
+            .call_tool(
+                rmcp::model::CallToolRequestParams::new("execute_code").with_arguments(args.as_object().cloned().unwrap()),
+            )
+            .await
+            .expect_err("malformed arguments accepted");
+        assert!(err.to_string().contains("-32602"), "{err}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeout_interrupts_and_keeps_state() {
+    let s = start(Transport::Stdio, &["--execution-timeout", "2"]).await;
+    let (id, _) = s.new_session("kept = 'yes'").await;
+    let started = std::time::Instant::now();
+    let v = s
+        .exec(&id, "import time\nprint('before', flush=True)\ntime.sleep(60)")
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(v["success"], false);
+    assert!(v["error"].as_str().unwrap().starts_with("TimeoutError:"), "{v}");
+    assert_eq!(v["output"], json!(["before\n"]));
+    assert_eq!(s.exec(&id, "kept").await["result"], "'yes'");
+    // A per-call timeout longer than the default is honoured.
+    let r = s
+        .call("execute_code", json!({"code": "import time; time.sleep(3); 'done'", "session_id": id, "timeout": 30}))
+        .await;
+    assert_eq!(r.structured_content.unwrap()["result"], "'done'");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn input_fails_fast_and_kernel_death_is_reported() {
+    let s = start(Transport::Stdio, &[]).await;
+    let (id, _) = s.new_session("a = 1\nopen('kept.txt','w').write('k')").await;
+    let v = s.exec(&id, "input('name?')").await;
+    assert_eq!(v["success"], false);
+    assert!(v["error"].as_str().unwrap().starts_with("StdinNotImplementedError"), "{v}");
+
+    let v = s.exec(&id, "import os; os._exit(1)").await;
+    assert_eq!(v["success"], false);
+    assert!(v["error"].as_str().unwrap().starts_with("KernelDiedError:"), "{v}");
+    let v = s.exec(&id, "print(open('kept.txt').read()); 'a' in globals()").await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["result"], "False");
+    let out = v["output"].as_array().unwrap();
+    assert!(out[0].as_str().unwrap().contains("lost"), "{out:?}");
+    assert_eq!(out.last().unwrap(), "k\n");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_sessions_are_removed() {
+    let s = start(Transport::Stdio, &["--session-timeout", "2", "--cleanup-interval", "1"]).await;
+    let (id, _) = s.new_session("open('f.txt','w').write('x')").await;
+    let folder = s.data_dir.path().join(&id);
+    assert!(folder.is_dir());
+    // The sweeper removes it without any call touching it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while folder.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!folder.exists(), "expired session folder still there");
+    let v = s.exec(&id, "1").await;
+    assert!(v["error"].as_str().unwrap().starts_with("SessionExpiredError:"));
+    assert!(v["error"].as_str().unwrap().contains("new session"));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eight_sessions_in_parallel_and_fifo_within_one() {
+    let s = std::sync::Arc::new(start(Transport::Http, &[]).await);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let (id, _) = s.new_session(&format!("n = {i}")).await;
+            for _ in 0..5 {
+                let v = s.exec(&id, "n = n + 10; n").await;
+                assert_eq!(v["success"], true);
+            }
+            assert_eq!(s.exec(&id, "n").await["result"], (i + 50).to_string());
+            id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 8);
+
+    // Calls on one session run one at a time in arrival order, while a slow
+    // call on another session does not hold them up.
+    let (slow, _) = s.new_session("import time").await;
+    let (id, _) = s.new_session("log = []").await;
+    let slow_call = {
+        let s = s.clone();
+        tokio::spawn(async move { s.exec(&slow, "time.sleep(5)").await })
+    };
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let s = s.clone();
+        let id = id.clone();
+        calls.push(tokio::spawn(async move { s.exec(&id, &format!("import time; time.sleep(0.05); log.append({i})")).await }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    for c in calls {
+        c.await.unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(4), "blocked by another session");
+    assert_eq!(s.exec(&id, "log").await["result"], "[0, 1, 2, 3, 4, 5]");
+    slow_call.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plotly_show_and_pip_install_work() {
+    let s = start(Transport::Stdio, &[]).await;
+    let (id, _) = s
+        .new_session("import plotly.graph_objects as go\ngo.Figure(go.Scatter(x=[1,2,3], y=[1,4,9])).show()")
+        .await;
+    let v = s.exec(&id, "1").await;
+    assert_eq!(v["success"], true);
+    let l = s.call("list_session_files", json!({"session_id": id})).await.structured_content.unwrap();
+    let f = &l["files"][0];
+    assert_eq!(f["mime_type"], "image/png", "{l}");
+    let (bytes, _) = blob_bytes(&s.read(f["uri"].as_str().unwrap()).await.unwrap());
+    assert!(bytes.starts_with(PNG));
+
+    let v = s.exec(&id, "!pip install --quiet --disable-pip-version-check six==1.16.0\nimport six; six.__version__").await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["result"], "'1.16.0'", "{v}");
+    s.stop().await;
+}
+
+/// No kernel outlives the server: SIGTERM shuts kernels down, and after a
+/// SIGKILL the kernels notice their parent is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_kernel_outlives_the_server() {
+    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGKILL] {
+        let s: Server = start(Transport::Http, &[]).await;
+        let mut pids = Vec::new();
+        for _ in 0..2 {
+            let (_, v) = s.new_session("import os; os.getpid()").await;
+            pids.push(v["result"].as_str().unwrap().parse::<i32>().unwrap());
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid as i32), signal);
+        for pid in pids {
+            assert!(
+                common::wait_gone(pid, Duration::from_secs(10)).await,
+                "kernel {pid} outlived the server after {signal}"
+            );
+        }
+    }
+}
