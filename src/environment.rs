@@ -26,7 +26,9 @@ pub enum EnvError {
     },
     #[error("`{command}` failed ({status}); see the output above")]
     Step { command: String, status: String },
-    #[error("{python} cannot import ipykernel: install it (`{python} -m pip install ipykernel`) or omit --python to let the server provision its own environment")]
+    #[error(
+        "{python} cannot import ipykernel: install it (`{python} -m pip install ipykernel`) or omit --python to let the server provision its own environment"
+    )]
     NoIpykernel { python: String },
 }
 
@@ -86,14 +88,19 @@ pub fn provision(envs_root: &Path, base_python: &Path) -> Result<KernelPython, E
     std::fs::create_dir_all(envs_root).map_err(io)?;
     let lock = std::fs::File::create(envs_root.join(".provision.lock")).map_err(io)?;
     if lock.try_lock().is_err() {
-        eprintln!("mcp-python-interpreter: another process is provisioning the kernel environment; waiting for it…");
+        eprintln!(
+            "mcp-python-interpreter: another process is provisioning the kernel environment; waiting for it…"
+        );
         lock.lock().map_err(io)?;
     }
     if dir.join(COMPLETE_MARKER).exists() {
         return Ok(ready());
     }
     if dir.exists() {
-        eprintln!("mcp-python-interpreter: removing an unfinished kernel environment at {}", dir.display());
+        eprintln!(
+            "mcp-python-interpreter: removing an unfinished kernel environment at {}",
+            dir.display()
+        );
         std::fs::remove_dir_all(&dir).map_err(io)?;
     }
     eprintln!(
@@ -101,13 +108,24 @@ pub fn provision(envs_root: &Path, base_python: &Path) -> Result<KernelPython, E
          mcp-python-interpreter: (ipykernel, pandas, numpy, matplotlib, seaborn, plotly, kaleido, sympy; about a minute, once)",
         dir.display()
     );
-    eprintln!("mcp-python-interpreter: [1/3] creating a virtual environment with {}", base_python.display());
+    eprintln!(
+        "mcp-python-interpreter: [1/3] creating a virtual environment with {}",
+        base_python.display()
+    );
     run(Command::new(base_python).arg("-m").arg("venv").arg(&dir))?;
     let req = dir.join("kernel-requirements.txt");
     std::fs::write(&req, REQUIREMENTS).map_err(io)?;
     eprintln!("mcp-python-interpreter: [2/3] installing the pinned packages (pip output follows)");
     run(Command::new(&python)
-        .args(["-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off", "-r"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            "-r",
+        ])
         .arg(&req))?;
     eprintln!("mcp-python-interpreter: [3/3] checking the environment");
     existing(&python)?;
@@ -146,14 +164,31 @@ mod tests {
     fn env_dir_depends_on_requirements_only() {
         let a = env_dir(Path::new("/x"));
         assert_eq!(a, env_dir(Path::new("/x")));
-        assert!(a.file_name().unwrap().to_str().unwrap().starts_with("kernel-env-"));
+        assert!(
+            a.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("kernel-env-")
+        );
     }
 
     #[test]
     fn requirements_pin_every_promised_package() {
-        for pkg in ["ipykernel", "pandas", "numpy", "matplotlib", "seaborn", "plotly", "kaleido", "sympy"] {
+        for pkg in [
+            "ipykernel",
+            "pandas",
+            "numpy",
+            "matplotlib",
+            "seaborn",
+            "plotly",
+            "kaleido",
+            "sympy",
+        ] {
             assert!(
-                REQUIREMENTS.lines().any(|l| l.starts_with(&format!("{pkg}=="))),
+                REQUIREMENTS
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{pkg}=="))),
                 "{pkg} is not pinned"
             );
         }

@@ -65,8 +65,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_env_filter(
             // zeromq logs every kernel disconnect at info; keep it to real problems.
-            tracing_subscriber::EnvFilter::try_new(format!("{},zeromq=error", args.log_level.to_lowercase()))
-                .context("invalid --log-level")?,
+            tracing_subscriber::EnvFilter::try_new(format!(
+                "{},zeromq=error",
+                args.log_level.to_lowercase()
+            ))
+            .context("invalid --log-level")?,
         )
         .init();
 
@@ -84,7 +87,10 @@ fn main() -> anyhow::Result<()> {
         args.execution_timeout.is_finite() && args.execution_timeout > 0.0,
         "--execution-timeout must be a positive number of seconds"
     );
-    anyhow::ensure!(args.session_timeout > 0 && args.cleanup_interval > 0, "timeouts must be positive");
+    anyhow::ensure!(
+        args.session_timeout > 0 && args.cleanup_interval > 0,
+        "timeouts must be positive"
+    );
 
     let config = Config {
         transport: match args.transport {

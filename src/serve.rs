@@ -20,8 +20,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TransportKind};
 use crate::environment::KernelPython;
-use crate::kernel::local::LocalKernelConfig;
 use crate::kernel::LocalKernelFactory;
+use crate::kernel::local::LocalKernelConfig;
 use crate::mcp::Interpreter;
 use crate::session::{Registry, SessionSettings, expiry};
 
@@ -33,9 +33,15 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot create {path}: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("transport failed: {0}")]
     Transport(String),
 }
@@ -43,7 +49,10 @@ pub enum ServeError {
 /// Runs the server until a signal (or, over stdio, the end of input).
 pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError> {
     create_private_dir(&config.data_dir)?;
-    let runtime_dir = std::env::temp_dir().join(format!("mcp-python-interpreter-{}", crate::random_token(10)));
+    let runtime_dir = std::env::temp_dir().join(format!(
+        "mcp-python-interpreter-{}",
+        crate::random_token(10)
+    ));
     create_private_dir(&runtime_dir)?;
 
     let shutdown = CancellationToken::new();
@@ -67,7 +76,11 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             interrupt_grace: config.interrupt_grace,
         },
     ));
-    tracker.spawn(expiry::run(registry.clone(), config.cleanup_interval, shutdown.child_token()));
+    tracker.spawn(expiry::run(
+        registry.clone(),
+        config.cleanup_interval,
+        shutdown.child_token(),
+    ));
     tracker.spawn(watch_signals(shutdown.clone()));
 
     let served = match config.transport {
@@ -79,14 +92,20 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
     shutdown.cancel();
     registry.shutdown().await;
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some kernel tasks did not finish within {SHUTDOWN_WAIT:?}");
     }
     let _ = std::fs::remove_dir_all(&runtime_dir);
     served
 }
 
-async fn serve_stdio(registry: Arc<Registry>, shutdown: CancellationToken) -> Result<(), ServeError> {
+async fn serve_stdio(
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let service = Interpreter::new(registry)
         .serve_with_ct(rmcp::transport::stdio(), shutdown.child_token())
         .await
@@ -96,17 +115,33 @@ async fn serve_stdio(registry: Arc<Registry>, shutdown: CancellationToken) -> Re
     Ok(())
 }
 
-async fn serve_http(config: &Config, registry: Arc<Registry>, shutdown: CancellationToken) -> Result<(), ServeError> {
+async fn serve_http(
+    config: &Config,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let addr = format!("{}:{}", config.host, config.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
-        .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
-    let local: SocketAddr = listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr: addr.clone(), source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local: SocketAddr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: addr.clone(),
+        source,
+    })?;
 
-    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let host = config.host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let mut hosts = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let host = config
+        .host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     if !hosts.contains(&host) {
         hosts.push(host);
     }
@@ -114,11 +149,12 @@ async fn serve_http(config: &Config, registry: Arc<Registry>, shutdown: Cancella
         .with_allowed_hosts(hosts)
         .with_max_request_body_bytes(MAX_REQUEST_BYTES)
         .with_cancellation_token(shutdown.child_token());
-    let service: StreamableHttpService<Interpreter, LocalSessionManager> = StreamableHttpService::new(
-        move || Ok(Interpreter::new(registry.clone())),
-        Arc::new(LocalSessionManager::default()),
-        http_config,
-    );
+    let service: StreamableHttpService<Interpreter, LocalSessionManager> =
+        StreamableHttpService::new(
+            move || Ok(Interpreter::new(registry.clone())),
+            Arc::new(LocalSessionManager::default()),
+            http_config,
+        );
     let router = axum::Router::new().nest_service("/mcp", service);
     // Tests and scripts read this line to find the port when started with --port 0.
     eprintln!("mcp-python-interpreter: listening on http://{local}/mcp");
@@ -131,7 +167,10 @@ async fn serve_http(config: &Config, registry: Arc<Registry>, shutdown: Cancella
 
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         tracing::warn!("cannot install signal handlers");
         return;
     };
@@ -166,5 +205,8 @@ fn create_private_dir(path: &Path) -> Result<(), ServeError> {
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|source| ServeError::Dir { path: path.to_path_buf(), source })
+        .map_err(|source| ServeError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })
 }

@@ -12,8 +12,12 @@ use serde_json::json;
 
 fn blob_bytes(c: &ResourceContents) -> (Vec<u8>, Option<String>) {
     match c {
-        ResourceContents::BlobResourceContents { blob, mime_type, .. } => (
-            base64::engine::general_purpose::STANDARD.decode(blob).unwrap(),
+        ResourceContents::BlobResourceContents {
+            blob, mime_type, ..
+        } => (
+            base64::engine::general_purpose::STANDARD
+                .decode(blob)
+                .unwrap(),
             mime_type.clone(),
         ),
         other => panic!("expected a blob, got {other:?}"),
@@ -22,7 +26,9 @@ fn blob_bytes(c: &ResourceContents) -> (Vec<u8>, Option<String>) {
 
 fn text_of(c: &ResourceContents) -> (String, Option<String>) {
     match c {
-        ResourceContents::TextResourceContents { text, mime_type, .. } => (text.clone(), mime_type.clone()),
+        ResourceContents::TextResourceContents {
+            text, mime_type, ..
+        } => (text.clone(), mime_type.clone()),
         other => panic!("expected text, got {other:?}"),
     }
 }
@@ -35,16 +41,28 @@ async fn core_scenario(t: Transport) {
 
     // New session, persistence, result of the last expression.
     let (id, first) = s.new_session("x = 21\nprint('hello')").await;
-    assert!(id.len() >= 16 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    assert!(
+        id.len() >= 16
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    );
     assert_eq!(first["output"], json!(["hello\n"]));
     assert_eq!(first["session_info"]["session_id"], id.as_str());
-    assert!(first["session_info"]["instructions"].as_str().unwrap().contains(&id));
+    assert!(
+        first["session_info"]["instructions"]
+            .as_str()
+            .unwrap()
+            .contains(&id)
+    );
     let v = s.exec(&id, "x * 2").await;
     assert_eq!(v["result"], "42");
     assert!(v["session_info"].is_null());
 
     // A Python exception is a tool result, with a clean traceback.
-    let r = s.call("execute_code", json!({"code": "1/0", "session_id": id})).await;
+    let r = s
+        .call("execute_code", json!({"code": "1/0", "session_id": id}))
+        .await;
     assert_eq!(r.is_error, Some(true));
     let v = r.structured_content.clone().unwrap();
     assert_eq!(v["success"], false);
@@ -72,10 +90,16 @@ async fn core_scenario(t: Transport) {
     assert!(names.contains(&"figure_1.png"), "{names:?}");
     assert!(names.contains(&"out/data.csv"), "{names:?}");
     let output: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
-    assert!(output.contains(&"File created: out/data.csv (text/csv, 12 bytes)".to_string()), "{output:?}");
+    assert!(
+        output.contains(&"File created: out/data.csv (text/csv, 12 bytes)".to_string()),
+        "{output:?}"
+    );
     for f in files {
         let uri = f["uri"].as_str().unwrap();
-        assert_eq!(uri, format!("kernel://{id}/{}", f["name"].as_str().unwrap()));
+        assert_eq!(
+            uri,
+            format!("kernel://{id}/{}", f["name"].as_str().unwrap())
+        );
         let c = s.read(uri).await.unwrap();
         if f["mime_type"] == "image/png" {
             let (bytes, mime) = blob_bytes(&c);
@@ -89,15 +113,29 @@ async fn core_scenario(t: Transport) {
         }
     }
     // An unchanged file is not reported again; a changed one is.
-    let v = s.exec(&id, "open('out/data.csv','a').write('5,6\\n')").await;
-    let names: Vec<&str> = v["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    let v = s
+        .exec(&id, "open('out/data.csv','a').write('5,6\\n')")
+        .await;
+    let names: Vec<&str> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["out/data.csv"]);
 
     // Listing.
-    let l = s.call("list_session_files", json!({"session_id": id})).await;
+    let l = s
+        .call("list_session_files", json!({"session_id": id}))
+        .await;
     let l = l.structured_content.unwrap();
     assert_eq!(l["session_id"], id.as_str());
-    let listed: Vec<&str> = l["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    let listed: Vec<&str> = l["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
     assert_eq!(listed, vec!["figure_1.png", "out/data.csv", "plot.png"]);
 
     // Clearing removes kernel and folder; the id is then unknown.
@@ -108,9 +146,22 @@ async fn core_scenario(t: Transport) {
     assert!(!folder.exists());
     let v = s.exec(&id, "x").await;
     assert_eq!(v["success"], false);
-    assert!(v["error"].as_str().unwrap().starts_with("SessionExpiredError:"), "{v}");
-    let l = s.call("list_session_files", json!({"session_id": id})).await;
-    assert!(l.structured_content.unwrap()["error"].as_str().unwrap().starts_with("SessionExpiredError:"));
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("SessionExpiredError:"),
+        "{v}"
+    );
+    let l = s
+        .call("list_session_files", json!({"session_id": id}))
+        .await;
+    assert!(
+        l.structured_content.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("SessionExpiredError:")
+    );
     let c = s.call("clear_session", json!({"session_id": id})).await;
     assert_eq!(c.structured_content.unwrap()["success"], false);
     s.stop().await;
@@ -133,7 +184,10 @@ async fn resources_refuse_everything_outside_the_session() {
         .new_session("import os\nopen('ok.txt','w').write('ok')\nos.symlink('/etc/passwd','link')")
         .await;
     std::fs::write(s.data_dir.path().join("outside.txt"), "secret").unwrap();
-    assert_eq!(text_of(&s.read(&format!("kernel://{id}/ok.txt")).await.unwrap()).0, "ok");
+    assert_eq!(
+        text_of(&s.read(&format!("kernel://{id}/ok.txt")).await.unwrap()).0,
+        "ok"
+    );
     for bad in [
         format!("kernel://{id}/../outside.txt"),
         format!("kernel://{id}/%2e%2e/outside.txt"),
@@ -153,8 +207,15 @@ async fn resources_refuse_everything_outside_the_session() {
     for bad in ["/etc", "..", ".", "../../tmp", "0/../.."] {
         let c = s.call("clear_session", json!({"session_id": bad})).await;
         assert_eq!(c.structured_content.unwrap()["success"], false);
-        let l = s.call("list_session_files", json!({"session_id": bad})).await;
-        assert!(l.structured_content.unwrap()["error"].as_str().unwrap().starts_with("SessionExpiredError:"));
+        let l = s
+            .call("list_session_files", json!({"session_id": bad}))
+            .await;
+        assert!(
+            l.structured_content.unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("SessionExpiredError:")
+        );
     }
     assert!(std::path::Path::new("/etc/passwd").exists());
     assert!(s.data_dir.path().join("outside.txt").exists());
@@ -174,7 +235,8 @@ async fn malformed_arguments_are_invalid_params() {
         let err = s
             .client
             .call_tool(
-                rmcp::model::CallToolRequestParams::new("execute_code").with_arguments(args.as_object().cloned().unwrap()),
+                rmcp::model::CallToolRequestParams::new("execute_code")
+                    .with_arguments(args.as_object().cloned().unwrap()),
             )
             .await
             .expect_err("malformed arguments accepted");
@@ -189,16 +251,25 @@ async fn timeout_interrupts_and_keeps_state() {
     let (id, _) = s.new_session("kept = 'yes'").await;
     let started = std::time::Instant::now();
     let v = s
-        .exec(&id, "import time\nprint('before', flush=True)\ntime.sleep(60)")
+        .exec(
+            &id,
+            "import time\nprint('before', flush=True)\ntime.sleep(60)",
+        )
         .await;
     assert!(started.elapsed() < Duration::from_secs(15));
     assert_eq!(v["success"], false);
-    assert!(v["error"].as_str().unwrap().starts_with("TimeoutError:"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().starts_with("TimeoutError:"),
+        "{v}"
+    );
     assert_eq!(v["output"], json!(["before\n"]));
     assert_eq!(s.exec(&id, "kept").await["result"], "'yes'");
     // A per-call timeout longer than the default is honoured.
     let r = s
-        .call("execute_code", json!({"code": "import time; time.sleep(3); 'done'", "session_id": id, "timeout": 30}))
+        .call(
+            "execute_code",
+            json!({"code": "import time; time.sleep(3); 'done'", "session_id": id, "timeout": 30}),
+        )
         .await;
     assert_eq!(r.structured_content.unwrap()["result"], "'done'");
     s.stop().await;
@@ -207,15 +278,28 @@ async fn timeout_interrupts_and_keeps_state() {
 #[tokio::test(flavor = "multi_thread")]
 async fn input_fails_fast_and_kernel_death_is_reported() {
     let s = start(Transport::Stdio, &[]).await;
-    let (id, _) = s.new_session("a = 1\nopen('kept.txt','w').write('k')").await;
+    let (id, _) = s
+        .new_session("a = 1\nopen('kept.txt','w').write('k')")
+        .await;
     let v = s.exec(&id, "input('name?')").await;
     assert_eq!(v["success"], false);
-    assert!(v["error"].as_str().unwrap().starts_with("StdinNotImplementedError"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("StdinNotImplementedError"),
+        "{v}"
+    );
 
     let v = s.exec(&id, "import os; os._exit(1)").await;
     assert_eq!(v["success"], false);
-    assert!(v["error"].as_str().unwrap().starts_with("KernelDiedError:"), "{v}");
-    let v = s.exec(&id, "print(open('kept.txt').read()); 'a' in globals()").await;
+    assert!(
+        v["error"].as_str().unwrap().starts_with("KernelDiedError:"),
+        "{v}"
+    );
+    let v = s
+        .exec(&id, "print(open('kept.txt').read()); 'a' in globals()")
+        .await;
     assert_eq!(v["success"], true, "{v}");
     assert_eq!(v["result"], "False");
     let out = v["output"].as_array().unwrap();
@@ -226,7 +310,11 @@ async fn input_fails_fast_and_kernel_death_is_reported() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_sessions_are_removed() {
-    let s = start(Transport::Stdio, &["--session-timeout", "2", "--cleanup-interval", "1"]).await;
+    let s = start(
+        Transport::Stdio,
+        &["--session-timeout", "2", "--cleanup-interval", "1"],
+    )
+    .await;
     let (id, _) = s.new_session("open('f.txt','w').write('x')").await;
     let folder = s.data_dir.path().join(&id);
     assert!(folder.is_dir());
@@ -237,7 +325,12 @@ async fn expired_sessions_are_removed() {
     }
     assert!(!folder.exists(), "expired session folder still there");
     let v = s.exec(&id, "1").await;
-    assert!(v["error"].as_str().unwrap().starts_with("SessionExpiredError:"));
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("SessionExpiredError:")
+    );
     assert!(v["error"].as_str().unwrap().contains("new session"));
     s.stop().await;
 }
@@ -278,14 +371,23 @@ async fn eight_sessions_in_parallel_and_fifo_within_one() {
     for i in 0..6 {
         let s = s.clone();
         let id = id.clone();
-        calls.push(tokio::spawn(async move { s.exec(&id, &format!("import time; time.sleep(0.05); log.append({i})")).await }));
+        calls.push(tokio::spawn(async move {
+            s.exec(
+                &id,
+                &format!("import time; time.sleep(0.05); log.append({i})"),
+            )
+            .await
+        }));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let started = std::time::Instant::now();
     for c in calls {
         c.await.unwrap();
     }
-    assert!(started.elapsed() < Duration::from_secs(4), "blocked by another session");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "blocked by another session"
+    );
     assert_eq!(s.exec(&id, "log").await["result"], "[0, 1, 2, 3, 4, 5]");
     slow_call.await.unwrap();
 }
@@ -294,11 +396,17 @@ async fn eight_sessions_in_parallel_and_fifo_within_one() {
 async fn plotly_show_and_pip_install_work() {
     let s = start(Transport::Stdio, &[]).await;
     let (id, _) = s
-        .new_session("import plotly.graph_objects as go\ngo.Figure(go.Scatter(x=[1,2,3], y=[1,4,9])).show()")
+        .new_session(
+            "import plotly.graph_objects as go\ngo.Figure(go.Scatter(x=[1,2,3], y=[1,4,9])).show()",
+        )
         .await;
     let v = s.exec(&id, "1").await;
     assert_eq!(v["success"], true);
-    let l = s.call("list_session_files", json!({"session_id": id})).await.structured_content.unwrap();
+    let l = s
+        .call("list_session_files", json!({"session_id": id}))
+        .await
+        .structured_content
+        .unwrap();
     let f = &l["files"][0];
     assert_eq!(f["mime_type"], "image/png", "{l}");
     let (bytes, _) = blob_bytes(&s.read(f["uri"].as_str().unwrap()).await.unwrap());
@@ -314,7 +422,10 @@ async fn plotly_show_and_pip_install_work() {
 /// SIGKILL the kernels notice their parent is gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_kernel_outlives_the_server() {
-    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGKILL] {
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
         let s: Server = start(Transport::Http, &[]).await;
         let mut pids = Vec::new();
         for _ in 0..2 {

@@ -60,7 +60,11 @@ pub(crate) struct Actor {
 }
 
 impl Actor {
-    pub(crate) fn new(child: Child, commands: mpsc::Receiver<Command>, cancel: CancellationToken) -> Self {
+    pub(crate) fn new(
+        child: Child,
+        commands: mpsc::Receiver<Command>,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             child,
             commands,
@@ -68,7 +72,11 @@ impl Actor {
         }
     }
 
-    pub(crate) async fn run(mut self, files: StartupFiles, ready: oneshot::Sender<Result<(), KernelError>>) {
+    pub(crate) async fn run(
+        mut self,
+        files: StartupFiles,
+        ready: oneshot::Sender<Result<(), KernelError>>,
+    ) {
         let start = tokio::time::timeout(files.start_timeout, async {
             tokio::select! {
                 sockets = connect(&files.info, &files.startup_code) => sockets,
@@ -199,7 +207,10 @@ impl Actor {
         if alive {
             let msg: JupyterMessage = ShutdownRequest { restart: false }.into();
             let _ = tokio::time::timeout(Duration::from_millis(200), s.control.send(msg)).await;
-            if tokio::time::timeout(SHUTDOWN_GRACE, self.child.wait()).await.is_err() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, self.child.wait())
+                .await
+                .is_err()
+            {
                 tracing::debug!("kernel ignored shutdown request; killing it");
             }
         }
@@ -271,9 +282,10 @@ async fn connect(info: &ConnectionInfo, startup_code: &str) -> Result<Sockets, K
     let mut iopub_conn = jupyter_zmq_client::create_client_iopub_connection(info, "", &session)
         .await
         .map_err(err)?;
-    let shell = jupyter_zmq_client::create_client_shell_connection_with_identity(info, &session, identity)
-        .await
-        .map_err(err)?;
+    let shell =
+        jupyter_zmq_client::create_client_shell_connection_with_identity(info, &session, identity)
+            .await
+            .map_err(err)?;
     let control = jupyter_zmq_client::create_client_control_connection(info, &session)
         .await
         .map_err(err)?;
@@ -337,13 +349,13 @@ async fn connect(info: &ConnectionInfo, startup_code: &str) -> Result<Sockets, K
         if parent_id(&reply) != Some(id.as_str()) {
             continue;
         }
-        if let JupyterMessageContent::ExecuteReply(r) = &reply.content {
-            if let Some(e) = &r.error {
-                return Err(KernelError::Start(format!(
-                    "start-up code failed: {}: {}",
-                    e.ename, e.evalue
-                )));
-            }
+        if let JupyterMessageContent::ExecuteReply(r) = &reply.content
+            && let Some(e) = &r.error
+        {
+            return Err(KernelError::Start(format!(
+                "start-up code failed: {}: {}",
+                e.ename, e.evalue
+            )));
         }
         break;
     }

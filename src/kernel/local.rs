@@ -51,7 +51,11 @@ pub struct LocalKernelFactory {
 }
 
 impl LocalKernelFactory {
-    pub fn new(config: LocalKernelConfig, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+    pub fn new(
+        config: LocalKernelConfig,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
         Self {
             config,
             next: AtomicU64::new(1),
@@ -97,10 +101,7 @@ impl LocalKernelFactory {
             .process_group(0)
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|e| {
-            KernelError::Start(format!(
-                "cannot run {}: {e}",
-                self.config.python.display()
-            ))
+            KernelError::Start(format!("cannot run {}: {e}", self.config.python.display()))
         })?;
         let pid = child.id();
         let stderr_tail = StderrTail::default();
@@ -115,7 +116,9 @@ impl LocalKernelFactory {
             });
         }
 
-        let mut socket_files: Vec<PathBuf> = (1..=5).map(|p| PathBuf::from(format!("{}-{p}", info.ip))).collect();
+        let mut socket_files: Vec<PathBuf> = (1..=5)
+            .map(|p| PathBuf::from(format!("{}-{p}", info.ip)))
+            .collect();
         socket_files.push(conn_file);
         let files = StartupFiles {
             info,
@@ -131,7 +134,9 @@ impl LocalKernelFactory {
         match ready_rx.await {
             Ok(Ok(())) => Ok(KernelHandle::new(tx, pid)),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(KernelError::Start("kernel task ended during start-up".into())),
+            Err(_) => Err(KernelError::Start(
+                "kernel task ended during start-up".into(),
+            )),
         }
     }
 }

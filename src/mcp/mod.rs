@@ -60,10 +60,14 @@ impl Interpreter {
         let args: ExecuteCodeArgs = parse(args)?;
         let timeout = match args.timeout {
             None => None,
-            Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_SECS => Some(Duration::from_secs_f64(t)),
+            Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_SECS => {
+                Some(Duration::from_secs_f64(t))
+            }
             Some(t) => {
                 return Err(McpError::invalid_params(
-                    format!("timeout must be a number of seconds in (0, {MAX_TIMEOUT_SECS}], got {t}"),
+                    format!(
+                        "timeout must be a number of seconds in (0, {MAX_TIMEOUT_SECS}], got {t}"
+                    ),
                     None,
                 ));
             }
@@ -101,7 +105,12 @@ impl Interpreter {
         let args: SessionArgs = parse(args)?;
         match self.registry.get(&args.session_id).await {
             Ok(s) => {
-                let files = s.files().await.iter().map(|f| file_ref(s.id.as_str(), f)).collect();
+                let files = s
+                    .files()
+                    .await
+                    .iter()
+                    .map(|f| file_ref(s.id.as_str(), f))
+                    .collect();
                 Ok(render(
                     &ListFilesResult {
                         session_id: s.id.to_string(),
@@ -198,7 +207,9 @@ impl ServerHandler for Interpreter {
         _request: Option<PaginatedRequestParams>,
         _ctx: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
-        Ok(ListResourceTemplatesResult::with_all_items(vec![resources::template()]))
+        Ok(ListResourceTemplatesResult::with_all_items(vec![
+            resources::template(),
+        ]))
     }
 
     async fn read_resource(
@@ -220,7 +231,8 @@ fn parse<T: DeserializeOwned>(args: JsonObject) -> Result<T, McpError> {
 
 /// Structured content plus the same JSON as text, for clients that read only text.
 fn render<T: Serialize>(value: &T, is_error: bool) -> CallToolResult {
-    let value = serde_json::to_value(value).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+    let value = serde_json::to_value(value)
+        .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
     let mut result = CallToolResult::structured(value);
     result.is_error = Some(is_error);
     result
@@ -262,7 +274,11 @@ fn execute_failure(raw_id: &str, e: SessionError) -> CallToolResult {
     )
 }
 
-fn execute_result(id: &str, r: ExecutionReport, session_info: Option<SessionInfo>) -> ExecuteCodeResult {
+fn execute_result(
+    id: &str,
+    r: ExecutionReport,
+    session_info: Option<SessionInfo>,
+) -> ExecuteCodeResult {
     ExecuteCodeResult {
         success: r.success,
         session_id: id.to_string(),

@@ -12,7 +12,11 @@ const SCHEME: &str = "kernel://";
 /// Largest file served through a resource read.
 const MAX_RESOURCE_BYTES: u64 = 64 * 1024 * 1024;
 /// Characters left as they are in a URI path segment.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 pub fn template() -> ResourceTemplate {
     ResourceTemplate::new("kernel://{session_id}/{path}", "session-file")
@@ -34,10 +38,16 @@ pub fn uri(session_id: &str, rel: &str) -> String {
 
 pub async fn read(registry: &Registry, uri: &str) -> Result<ReadResourceResult, McpError> {
     let rest = uri.strip_prefix(SCHEME).ok_or_else(|| {
-        McpError::invalid_params(format!("unsupported resource URI {uri:?}: expected kernel://{{session_id}}/{{path}}"), None)
+        McpError::invalid_params(
+            format!("unsupported resource URI {uri:?}: expected kernel://{{session_id}}/{{path}}"),
+            None,
+        )
     })?;
     let (session_id, rel) = rest.split_once('/').ok_or_else(|| {
-        McpError::invalid_params("resource URI has no file path: expected kernel://{session_id}/{path}", None)
+        McpError::invalid_params(
+            "resource URI has no file path: expected kernel://{session_id}/{path}",
+            None,
+        )
     })?;
     let session = registry.get(session_id).await.map_err(|e| {
         McpError::resource_not_found(
@@ -46,18 +56,26 @@ pub async fn read(registry: &Registry, uri: &str) -> Result<ReadResourceResult, 
         )
     })?;
     let path = session.workspace.resolve(rel).map_err(|e| match e {
-        PathError::NotFound => McpError::resource_not_found(format!("no file {rel:?} in session {session_id}"), None),
+        PathError::NotFound => {
+            McpError::resource_not_found(format!("no file {rel:?} in session {session_id}"), None)
+        }
         other => McpError::invalid_params(format!("refused resource path {rel:?}: {other}"), None),
     })?;
-    let meta = tokio::fs::metadata(&path)
-        .await
-        .map_err(|_| McpError::resource_not_found(format!("no file {rel:?} in session {session_id}"), None))?;
+    let meta = tokio::fs::metadata(&path).await.map_err(|_| {
+        McpError::resource_not_found(format!("no file {rel:?} in session {session_id}"), None)
+    })?;
     if !meta.is_file() {
-        return Err(McpError::invalid_params(format!("{rel:?} is a folder, not a file; list_session_files lists the files"), None));
+        return Err(McpError::invalid_params(
+            format!("{rel:?} is a folder, not a file; list_session_files lists the files"),
+            None,
+        ));
     }
     if meta.len() > MAX_RESOURCE_BYTES {
         return Err(McpError::invalid_params(
-            format!("{rel:?} is {} bytes; files over {MAX_RESOURCE_BYTES} bytes are not served", meta.len()),
+            format!(
+                "{rel:?} is {} bytes; files over {MAX_RESOURCE_BYTES} bytes are not served",
+                meta.len()
+            ),
             None,
         ));
     }
@@ -82,7 +100,11 @@ pub async fn read(registry: &Registry, uri: &str) -> Result<ReadResourceResult, 
 }
 
 fn blob(bytes: Vec<u8>, uri: &str, mime: String) -> ResourceContents {
-    ResourceContents::blob(base64::engine::general_purpose::STANDARD.encode(bytes), uri.to_string()).with_mime_type(mime)
+    ResourceContents::blob(
+        base64::engine::general_purpose::STANDARD.encode(bytes),
+        uri.to_string(),
+    )
+    .with_mime_type(mime)
 }
 
 #[cfg(test)]
@@ -92,7 +114,10 @@ mod tests {
     #[test]
     fn uris_encode_each_segment() {
         assert_eq!(uri("abc", "plot.png"), "kernel://abc/plot.png");
-        assert_eq!(uri("abc", "out/my data.csv"), "kernel://abc/out/my%20data.csv");
+        assert_eq!(
+            uri("abc", "out/my data.csv"),
+            "kernel://abc/out/my%20data.csv"
+        );
         assert_eq!(uri("abc", "a%b"), "kernel://abc/a%25b");
     }
 }

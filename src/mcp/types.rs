@@ -5,7 +5,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ExecuteCodeArgs {
     /// Python code to run (multi-line). The value of the last expression is returned in `result`.
     pub code: String,
@@ -20,7 +19,6 @@ pub struct ExecuteCodeArgs {
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct SessionArgs {
     /// The `session_id` returned by `execute_code`.
     pub session_id: String,

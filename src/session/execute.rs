@@ -29,7 +29,9 @@ enum Outcome {
     Completed,
     Died(String),
     /// Interrupted at the deadline; `stopped` tells whether the cell then ended.
-    TimedOut { stopped: bool },
+    TimedOut {
+        stopped: bool,
+    },
 }
 
 impl Registry {
@@ -117,7 +119,11 @@ impl Registry {
         }
 
         for img in std::mem::take(&mut cell.images) {
-            if let Err(e) = session.workspace.save_new("figure", img.ext, img.bytes).await {
+            if let Err(e) = session
+                .workspace
+                .save_new("figure", img.ext, img.bytes)
+                .await
+            {
                 tracing::warn!(session = %session.id, "could not save a figure: {e}");
             }
         }
@@ -178,7 +184,9 @@ impl Registry {
                         Some(_) => Outcome::TimedOut { stopped: true },
                     };
                 }
-                Ok(Some(ExecMessage::End(ExecEnd::Died { detail }))) => return Outcome::Died(detail),
+                Ok(Some(ExecMessage::End(ExecEnd::Died { detail }))) => {
+                    return Outcome::Died(detail);
+                }
                 Ok(None) => return Outcome::Died("the kernel task stopped".into()),
                 Err(_) if interrupted_at.is_none() => {
                     if let Some(k) = &state.kernel {

@@ -112,7 +112,10 @@ mod tests {
         let reg = registry(dir.path(), live.clone());
         let s = reg.create().await.unwrap();
         tokio::time::sleep(Duration::from_secs(1800)).await;
-        assert!(matches!(reg.get(s.id.as_str()).await, Err(SessionError::NotFound(_))));
+        assert!(matches!(
+            reg.get(s.id.as_str()).await,
+            Err(SessionError::NotFound(_))
+        ));
         assert_eq!(live.load(Ordering::SeqCst), 0);
         assert!(reg.is_empty());
     }

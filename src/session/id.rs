@@ -43,9 +43,7 @@ mod tests {
 
     #[test]
     fn generated_ids_are_valid_and_distinct() {
-        let ids: HashSet<String> = (0..1000)
-            .map(|_| SessionId::generate().0)
-            .collect();
+        let ids: HashSet<String> = (0..1000).map(|_| SessionId::generate().0).collect();
         assert_eq!(ids.len(), 1000);
         for id in &ids {
             assert_eq!(id.len(), GENERATED_LEN);
@@ -56,8 +54,17 @@ mod tests {
     #[test]
     fn hostile_or_malformed_ids_are_refused() {
         for bad in [
-            "", "0", "..", "/etc", "../../../../etc/passwd", "short", "abc/def/ghijklmnopq",
-            "abcdefghijklmnop\0", "abcdefghijklmnop ", "ABCDEFGHIJKLMNO%2e", "ÄÖÜäöüßÄÖÜäöüßÄÖÜ",
+            "",
+            "0",
+            "..",
+            "/etc",
+            "../../../../etc/passwd",
+            "short",
+            "abc/def/ghijklmnopq",
+            "abcdefghijklmnop\0",
+            "abcdefghijklmnop ",
+            "ABCDEFGHIJKLMNO%2e",
+            "ÄÖÜäöüßÄÖÜäöüßÄÖÜ",
         ] {
             assert!(SessionId::parse(bad).is_none(), "{bad:?} accepted");
         }

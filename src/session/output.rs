@@ -72,10 +72,22 @@ impl Collector {
                 evalue,
                 traceback,
             } => {
-                self.out.error = Some(format!("{ename}: {evalue}"));
+                self.out.error = Some(if ename == "StdinNotImplementedError" {
+                    format!(
+                        "{ename}: this interpreter has no interactive input (input(), getpass()); \
+                         pass values in code instead"
+                    )
+                } else {
+                    format!("{ename}: {evalue}")
+                });
                 self.out.traceback = traceback
                     .iter()
-                    .flat_map(|t| strip_ansi(t).lines().map(str::to_string).collect::<Vec<_>>())
+                    .flat_map(|t| {
+                        strip_ansi(t)
+                            .lines()
+                            .map(str::to_string)
+                            .collect::<Vec<_>>()
+                    })
                     .collect();
             }
         }
@@ -104,7 +116,11 @@ fn plain(data: &[MimeData]) -> Option<String> {
 }
 
 fn image(data: &[MimeData]) -> Option<Image> {
-    for (mime, ext) in [("image/png", "png"), ("image/jpeg", "jpg"), ("image/gif", "gif")] {
+    for (mime, ext) in [
+        ("image/png", "png"),
+        ("image/jpeg", "jpg"),
+        ("image/gif", "gif"),
+    ] {
         if let Some(m) = data.iter().find(|m| m.mime == mime) {
             let cleaned: String = m.data.chars().filter(|c| !c.is_whitespace()).collect();
             if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(cleaned) {
@@ -199,22 +215,37 @@ mod tests {
             ],
         });
         let out = c.finish();
-        assert_eq!(out.error.as_deref(), Some("ZeroDivisionError: division by zero"));
-        assert_eq!(out.traceback, vec!["ZeroDivisionError   Traceback", "line 2", "link text"]);
+        assert_eq!(
+            out.error.as_deref(),
+            Some("ZeroDivisionError: division by zero")
+        );
+        assert_eq!(
+            out.traceback,
+            vec!["ZeroDivisionError   Traceback", "line 2", "link text"]
+        );
     }
 
     #[test]
     fn images_are_decoded_and_text_displays_kept() {
         let mut c = Collector::default();
         c.push(KernelEvent::Display(vec![
-            MimeData { mime: "text/plain".into(), data: "<Figure>".into() },
-            MimeData { mime: "image/png".into(), data: "iVBO\nRw==".into() },
+            MimeData {
+                mime: "text/plain".into(),
+                data: "<Figure>".into(),
+            },
+            MimeData {
+                mime: "image/png".into(),
+                data: "iVBO\nRw==".into(),
+            },
         ]));
         c.push(KernelEvent::Display(vec![MimeData {
             mime: "text/plain".into(),
             data: "   a\n0  1".into(),
         }]));
-        c.push(KernelEvent::Result(vec![MimeData { mime: "text/plain".into(), data: "42".into() }]));
+        c.push(KernelEvent::Result(vec![MimeData {
+            mime: "text/plain".into(),
+            data: "42".into(),
+        }]));
         let out = c.finish();
         assert_eq!(out.images.len(), 1);
         assert_eq!(out.images[0].ext, "png");

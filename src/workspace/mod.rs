@@ -50,9 +50,14 @@ impl Workspace {
     pub async fn create(root: PathBuf) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let r = root.clone();
-        tokio::task::spawn_blocking(move || std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&r))
-            .await
-            .map_err(std::io::Error::other)??;
+        tokio::task::spawn_blocking(move || {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&r)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         Ok(Self { root })
     }
 
@@ -86,7 +91,12 @@ impl Workspace {
     }
 
     /// Saves image bytes as `{stem}_{n}.{ext}` with the first free `n`.
-    pub async fn save_new(&self, stem: &str, ext: &str, bytes: Vec<u8>) -> std::io::Result<FileInfo> {
+    pub async fn save_new(
+        &self,
+        stem: &str,
+        ext: &str,
+        bytes: Vec<u8>,
+    ) -> std::io::Result<FileInfo> {
         let root = self.root.clone();
         let (stem, ext) = (stem.to_string(), ext.to_string());
         tokio::task::spawn_blocking(move || {
@@ -157,7 +167,9 @@ fn snapshot_blocking(root: &Path) -> Snapshot {
             snap.truncated = true;
             break;
         }
-        let Ok(rel) = entry.path().strip_prefix(root) else { continue };
+        let Ok(rel) = entry.path().strip_prefix(root) else {
+            continue;
+        };
         let Some(rel) = rel.to_str() else { continue };
         let Ok(meta) = entry.metadata() else { continue };
         snap.files
@@ -229,6 +241,9 @@ mod tests {
         std::fs::write(ws.root().join("figure_1.png"), "mine").unwrap();
         let f = ws.save_new("figure", "png", b"x".to_vec()).await.unwrap();
         assert_eq!(f.path, "figure_2.png");
-        assert_eq!(std::fs::read(ws.root().join("figure_1.png")).unwrap(), b"mine");
+        assert_eq!(
+            std::fs::read(ws.root().join("figure_1.png")).unwrap(),
+            b"mine"
+        );
     }
 }

@@ -85,15 +85,26 @@ mod tests {
     fn plain_and_nested_paths_resolve() {
         let (_d, root) = setup();
         assert!(resolve(&root, "a.txt").unwrap().ends_with("session/a.txt"));
-        assert!(resolve(&root, "sub/b.csv").unwrap().ends_with("session/sub/b.csv"));
-        assert!(resolve(&root, "sub%2Fb.csv").unwrap().ends_with("session/sub/b.csv"));
+        assert!(
+            resolve(&root, "sub/b.csv")
+                .unwrap()
+                .ends_with("session/sub/b.csv")
+        );
+        assert!(
+            resolve(&root, "sub%2Fb.csv")
+                .unwrap()
+                .ends_with("session/sub/b.csv")
+        );
     }
 
     #[test]
     fn traversal_is_refused() {
         let (_d, root) = setup();
         assert_eq!(resolve(&root, "../secret"), Err(PathError::Traversal));
-        assert_eq!(resolve(&root, "sub/../../secret"), Err(PathError::Traversal));
+        assert_eq!(
+            resolve(&root, "sub/../../secret"),
+            Err(PathError::Traversal)
+        );
         assert_eq!(resolve(&root, "%2e%2e/secret"), Err(PathError::Traversal));
         assert_eq!(resolve(&root, "%2E%2E%2Fsecret"), Err(PathError::Traversal));
         assert_eq!(resolve(&root, "./a.txt"), Err(PathError::Traversal));

@@ -5,7 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use rmcp::model::{CallToolRequestParams, CallToolResult, ReadResourceRequestParams, ResourceContents};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ReadResourceRequestParams, ResourceContents,
+};
 use rmcp::service::RunningService;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{RoleClient, ServiceExt};
@@ -39,11 +41,22 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
     match transport {
         Transport::Stdio => {
             let mut cmd = Command::new(BIN);
-            cmd.arg("--transport").arg("stdio").args(&args).env("LOG_LEVEL", "warn");
-            let (proc, _stderr) = TokioChildProcess::builder(cmd).stderr(Stdio::inherit()).spawn().unwrap();
+            cmd.arg("--transport")
+                .arg("stdio")
+                .args(&args)
+                .env("LOG_LEVEL", "warn");
+            let (proc, _stderr) = TokioChildProcess::builder(cmd)
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
             let pid = proc.id().unwrap();
             let client = ().serve(proc).await.expect("connect over stdio");
-            Server { client, data_dir, http: None, pid }
+            Server {
+                client,
+                data_dir,
+                http: None,
+                pid,
+            }
         }
         Transport::Http => {
             let mut child = Command::new(BIN)
@@ -74,11 +87,16 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
                     eprintln!("{line}");
                 }
             });
-            let client = ()
-                .serve(StreamableHttpClientTransport::from_uri(url))
-                .await
-                .expect("connect over http");
-            Server { client, data_dir, http: Some(child), pid }
+            let client =
+                ().serve(StreamableHttpClientTransport::from_uri(url))
+                    .await
+                    .expect("connect over http");
+            Server {
+                client,
+                data_dir,
+                http: Some(child),
+                pid,
+            }
         }
     }
 }
@@ -90,10 +108,13 @@ impl Server {
 
     /// `execute_code`, returning the structured result.
     pub async fn exec(&self, session_id: &str, code: &str) -> Value {
-        self.call("execute_code", json!({"code": code, "session_id": session_id}))
-            .await
-            .structured_content
-            .expect("structured content")
+        self.call(
+            "execute_code",
+            json!({"code": code, "session_id": session_id}),
+        )
+        .await
+        .structured_content
+        .expect("structured content")
     }
 
     /// Starts a session with `code`; returns (session id, result).
@@ -104,7 +125,10 @@ impl Server {
     }
 
     pub async fn read(&self, uri: &str) -> Result<ResourceContents, rmcp::ServiceError> {
-        let r = self.client.read_resource(ReadResourceRequestParams::new(uri)).await?;
+        let r = self
+            .client
+            .read_resource(ReadResourceRequestParams::new(uri))
+            .await?;
         Ok(r.contents.into_iter().next().expect("one content"))
     }
 
@@ -147,6 +171,12 @@ pub async fn wait_gone(pid: i32, within: Duration) -> bool {
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(true)
 }
