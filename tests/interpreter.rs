@@ -441,3 +441,35 @@ async fn no_kernel_outlives_the_server() {
         }
     }
 }
+
+/// `--python PATH` runs kernels with an existing interpreter; one without
+/// ipykernel is refused at start-up with a clear message.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_flag_uses_an_existing_interpreter() {
+    let out = std::process::Command::new(common::BIN)
+        .arg("--provision-only")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let python = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel environment: "))
+        .expect("provisioned python path")
+        .to_string();
+    let s = start(Transport::Stdio, &["--python", &python]).await;
+    let (_, v) = s.new_session("import sys; sys.executable").await;
+    assert_eq!(v["result"], format!("'{python}'"));
+    s.stop().await;
+
+    let bad = std::process::Command::new(common::BIN)
+        .args(["--transport", "stdio", "--python", "/bin/false"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cannot import ipykernel"));
+    assert!(
+        bad.stdout.is_empty(),
+        "stdout must stay clean in stdio mode"
+    );
+}

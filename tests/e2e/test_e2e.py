@@ -198,7 +198,17 @@ def run_with_server(transport: str, data_dir: Path, scenario: Scenario, extra_ar
             await scenario(client, data_dir)
 
     def run(target: StdioServerParameters | str) -> None:
-        asyncio.run(asyncio.wait_for(with_client(target), timeout=SCENARIO_TIMEOUT))
+        try:
+            asyncio.run(asyncio.wait_for(with_client(target), timeout=SCENARIO_TIMEOUT))
+        except BaseExceptionGroup as group:
+            # The SDK's task groups wrap a failing assertion in (nested) single-member
+            # exception groups; report the assertion itself.
+            leaf: BaseException = group
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            if leaf is group:
+                raise
+            raise leaf from None
 
     if transport == "stdio":
         params = StdioServerParameters(
