@@ -28,6 +28,8 @@ pub struct Config {
     pub execution_timeout: Duration,
     /// How long a cell gets to stop after an interrupt before its kernel is restarted.
     pub interrupt_grace: Duration,
+    /// Most characters of output returned per call (head and tail kept).
+    pub max_output_chars: usize,
     /// The server's own PATH, which kernels get after their environment's `bin`.
     pub inherited_path: String,
     /// How long a kernel may take to start.

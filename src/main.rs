@@ -54,6 +54,10 @@ struct Args {
     /// Default time limit of one execute_code call, in seconds.
     #[arg(long, default_value_t = 300.0, env = "MCP_EXECUTION_TIMEOUT")]
     execution_timeout: f64,
+    /// Most characters of output returned per call; longer output keeps its head
+    /// and tail, and the full text is saved to a file in the session folder.
+    #[arg(long, default_value_t = 20_000, env = "MCP_MAX_OUTPUT_CHARS")]
+    max_output_chars: usize,
     /// Log level (error, warn, info, debug, trace), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -63,6 +67,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             // zeromq logs every kernel disconnect at info; keep it to real problems.
             tracing_subscriber::EnvFilter::try_new(format!(
@@ -107,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         cleanup_interval: Duration::from_secs(args.cleanup_interval),
         execution_timeout: Duration::from_secs_f64(args.execution_timeout),
         interrupt_grace: Duration::from_secs(5),
+        max_output_chars: args.max_output_chars,
         inherited_path: std::env::var("PATH").unwrap_or_default(),
         kernel_start_timeout: Duration::from_secs(60),
     };

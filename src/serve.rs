@@ -74,6 +74,7 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             idle_timeout: config.session_timeout,
             execution_timeout: config.execution_timeout,
             interrupt_grace: config.interrupt_grace,
+            max_output_chars: config.max_output_chars,
         },
     ));
     tracker.spawn(expiry::run(

@@ -473,3 +473,39 @@ async fn python_flag_uses_an_existing_interpreter() {
         "stdout must stay clean in stdio mode"
     );
 }
+
+/// A cell that prints far more than the limit returns head and tail, and the
+/// full text is saved to a file listed in `files`.
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_output_is_bounded_and_saved() {
+    let s = start(Transport::Stdio, &["--max-output-chars", "2000"]).await;
+    let (id, _) = s.new_session("n = 200_000").await;
+    let v = s.exec(&id, "for i in range(n): print(f'line {i}')").await;
+    assert_eq!(v["success"], true, "{v}");
+    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    let joined = out.concat();
+    assert!(joined.len() < 4000, "{} bytes returned", joined.len());
+    assert!(joined.starts_with("line 0\n"));
+    assert!(joined.contains("line 199999\n"));
+    assert!(joined.contains("omitted"));
+    let f = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"].as_str().unwrap().starts_with("output_"))
+        .expect("full output file listed");
+    let full = std::fs::read_to_string(
+        s.data_dir
+            .path()
+            .join(&id)
+            .join(f["name"].as_str().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(full.lines().count(), 200_000);
+    // tqdm-style progress collapses to its final state.
+    let v = s
+        .exec(&id, "import sys\nfor i in range(101): sys.stdout.write(f'\\r{i}%'); sys.stdout.flush()\nprint()")
+        .await;
+    assert_eq!(v["output"], json!(["100%\n"]));
+    s.stop().await;
+}

@@ -162,10 +162,10 @@ impl Interpreter {
 
 impl Interpreter {
     fn session_instructions(&self, id: &str) -> String {
-        let mins = self.registry.settings().idle_timeout.as_secs().div_ceil(60);
+        let idle = human_duration(self.registry.settings().idle_timeout);
         format!(
             "Use this `session_id` (\"{id}\") in subsequent execute_code calls to keep variables, \
-             imports and files. The session expires after {mins} minutes without use; after that, \
+             imports and files. The session expires after {idle} without use; after that, \
              start a new session and re-run your setup code. Files are readable as resources \
              kernel://{id}/{{path}} and listed by list_session_files."
         )
@@ -221,6 +221,19 @@ impl ServerHandler for Interpreter {
             .await
             .map(Into::into)
     }
+}
+
+/// "30 minutes", "1 minute", "90 seconds".
+fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (n, unit) = if secs.is_multiple_of(3600) && secs >= 3600 {
+        (secs / 3600, "hour")
+    } else if secs.is_multiple_of(60) && secs >= 60 {
+        (secs / 60, "minute")
+    } else {
+        (secs, "second")
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Deserialises tool arguments; a mismatch is `invalid_params` with serde's explanation.
@@ -303,6 +316,14 @@ fn file_ref(session_id: &str, f: &FileInfo) -> FileRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(Duration::from_secs(1800)), "30 minutes");
+        assert_eq!(human_duration(Duration::from_secs(60)), "1 minute");
+        assert_eq!(human_duration(Duration::from_secs(3)), "3 seconds");
+        assert_eq!(human_duration(Duration::from_secs(7200)), "2 hours");
+    }
 
     #[test]
     fn python_errors_render_as_tool_results_not_protocol_errors() {

@@ -73,9 +73,12 @@ impl Registry {
         };
 
         let deadline = Instant::now() + limit;
-        let mut collector = Collector::default();
-        let outcome = self.wait(stream, &mut collector, state, deadline).await;
-        let mut cell: CellOutput = collector.finish();
+        let mut collector = Collector::new(self.settings.max_output_chars);
+        let mut spill = Spill::default();
+        let outcome = self
+            .wait(stream, &mut collector, &mut spill, session, state, deadline)
+            .await;
+        let mut cell: CellOutput = collector.finish(spill.name());
 
         let mut report = ExecutionReport {
             success: cell.error.is_none(),
@@ -167,6 +170,8 @@ impl Registry {
         &self,
         mut stream: ExecutionStream,
         collector: &mut Collector,
+        spill: &mut Spill,
+        session: &Session,
         state: &State,
         deadline: Instant,
     ) -> Outcome {
@@ -177,7 +182,12 @@ impl Registry {
                 Some(t) => t + self.settings.interrupt_grace,
             };
             match tokio::time::timeout_at(until, stream.recv()).await {
-                Ok(Some(ExecMessage::Event(ev))) => collector.push(ev),
+                Ok(Some(ExecMessage::Event(ev))) => {
+                    collector.push(ev);
+                    if let Some(text) = collector.take_spill() {
+                        spill.write(session, &text).await;
+                    }
+                }
                 Ok(Some(ExecMessage::End(ExecEnd::Completed))) => {
                     return match interrupted_at {
                         None => Outcome::Completed,
@@ -205,4 +215,42 @@ fn lost_state_note(detail: &str) -> String {
         "Note: the previous kernel of this session died ({detail}); this call ran in a fresh kernel. \
          Variables and imports from earlier calls are lost (files are kept): re-run your setup code."
     )
+}
+
+/// The file that receives the full text of an output too long to return.
+#[derive(Default)]
+struct Spill {
+    file: Option<(tokio::fs::File, String)>,
+    failed: bool,
+}
+
+impl Spill {
+    async fn write(&mut self, session: &Session, text: &str) {
+        use tokio::io::AsyncWriteExt;
+        if self.failed {
+            return;
+        }
+        if self.file.is_none() {
+            match session.workspace.create_new("output", "txt").await {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    tracing::warn!(session = %session.id, "cannot save long output: {e}");
+                    self.failed = true;
+                    return;
+                }
+            }
+        }
+        if let Some((f, _)) = &mut self.file
+            && f.write_all(text.as_bytes()).await.is_err()
+        {
+            self.failed = true;
+        }
+    }
+
+    fn name(&self) -> Option<&str> {
+        match (&self.file, self.failed) {
+            (Some((_, name)), false) => Some(name),
+            _ => None,
+        }
+    }
 }

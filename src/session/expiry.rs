@@ -69,6 +69,7 @@ mod tests {
                 idle_timeout: Duration::from_secs(1800),
                 execution_timeout: Duration::from_secs(300),
                 interrupt_grace: Duration::from_secs(5),
+                max_output_chars: 20_000,
             },
         ))
     }

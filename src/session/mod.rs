@@ -37,6 +37,8 @@ pub struct SessionSettings {
     pub execution_timeout: Duration,
     /// After an interrupt, how long a cell gets to stop before its kernel is restarted.
     pub interrupt_grace: Duration,
+    /// Most characters (bytes) of output returned per call; the rest goes to a file.
+    pub max_output_chars: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

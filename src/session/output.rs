@@ -30,27 +30,49 @@ pub struct CellOutput {
     pub images: Vec<Image>,
 }
 
-#[derive(Default)]
 pub struct Collector {
     out: CellOutput,
     /// Which stream the last output element came from, for merging.
     last_stream: Option<bool>,
     /// A `clear_output(wait=True)` waiting for the next output.
     pending_clear: bool,
+    /// Most bytes of stream text returned to the model.
+    limit: usize,
+    /// Bytes of text now in `out.output`.
+    kept: usize,
+    /// Set once the text outgrew `limit`: `out.output` is then the frozen head.
+    overflow: Option<Overflow>,
+    /// Full text not yet written to the spill file (drained by the caller).
+    spill: String,
+}
+
+/// The last part of an overflowing output, and how much was seen in all.
+struct Overflow {
+    tail: String,
+    total: usize,
 }
 
 impl Collector {
+    /// Keeps at most `limit` bytes of stream text: the head and the tail.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            out: CellOutput::default(),
+            last_stream: None,
+            pending_clear: false,
+            limit: limit.max(64),
+            kept: 0,
+            overflow: None,
+            spill: String::new(),
+        }
+    }
+
     pub fn push(&mut self, event: KernelEvent) {
         match event {
             KernelEvent::ClearOutput { wait: true } => self.pending_clear = true,
             KernelEvent::ClearOutput { wait: false } => self.clear(),
             KernelEvent::Stream { stderr, text } => {
                 self.before_output();
-                match (self.last_stream, self.out.output.last_mut()) {
-                    (Some(s), Some(last)) if s == stderr => last.push_str(&text),
-                    _ => self.out.output.push(text),
-                }
-                self.last_stream = Some(stderr);
+                self.stream(stderr, &text);
             }
             KernelEvent::Display(data) => {
                 self.before_output();
@@ -58,14 +80,14 @@ impl Collector {
                 if let Some(img) = image(&data) {
                     self.out.images.push(img);
                 } else if let Some(text) = plain(&data) {
-                    self.out.output.push(text);
+                    self.stream_element(&text);
                 }
             }
             KernelEvent::Result(data) => {
                 if let Some(img) = image(&data) {
                     self.out.images.push(img);
                 }
-                self.out.result = plain(&data);
+                self.out.result = plain(&data).map(|t| truncate_middle(&t, self.limit));
             }
             KernelEvent::Error {
                 ename,
@@ -78,7 +100,7 @@ impl Collector {
                          pass values in code instead"
                     )
                 } else {
-                    format!("{ename}: {evalue}")
+                    truncate_middle(&format!("{ename}: {evalue}"), self.limit)
                 });
                 self.out.traceback = traceback
                     .iter()
@@ -93,6 +115,85 @@ impl Collector {
         }
     }
 
+    fn stream(&mut self, stderr: bool, text: &str) {
+        if self.overflow.is_none() && self.kept + text.len() <= self.limit {
+            match (self.last_stream, self.out.output.last_mut()) {
+                (Some(s), Some(last)) if s == stderr => {
+                    self.kept -= last.len();
+                    last.push_str(text);
+                    if text.contains('\r') {
+                        *last = collapse_cr(last);
+                    }
+                    self.kept += last.len();
+                }
+                _ => {
+                    let t = collapse_cr(text);
+                    self.kept += t.len();
+                    self.out.output.push(t);
+                }
+            }
+            self.last_stream = Some(stderr);
+            return;
+        }
+        self.overflowing(text);
+    }
+
+    /// A display's text: its own element, also subject to the limit.
+    fn stream_element(&mut self, text: &str) {
+        if self.overflow.is_none() && self.kept + text.len() <= self.limit {
+            self.kept += text.len();
+            self.out.output.push(text.to_string());
+        } else {
+            self.overflowing(text);
+        }
+    }
+
+    fn overflowing(&mut self, text: &str) {
+        self.last_stream = None;
+        self.spill.push_str(text);
+        let keep = self.limit / 2;
+        if let Some(ov) = &mut self.overflow {
+            ov.total += text.len();
+            ov.tail.push_str(text);
+            if ov.tail.len() > keep * 2 {
+                let start = ceil_boundary(&ov.tail, ov.tail.len() - keep);
+                ov.tail.drain(..start);
+            }
+            return;
+        }
+        // First overflow: everything so far goes to the spill file (before
+        // this text), the first `keep` bytes stay as the head, the last
+        // `keep` bytes start the tail.
+        let mut elems = std::mem::take(&mut self.out.output);
+        let earlier: String = elems.concat();
+        self.spill.insert_str(0, &earlier);
+        elems.push(text.to_string());
+        let all = elems.concat();
+        let mut budget = keep;
+        for e in elems {
+            if budget == 0 {
+                break;
+            }
+            let cut = floor_boundary(&e, budget);
+            budget -= cut;
+            self.out.output.push(e[..cut].to_string());
+        }
+        let tail_start = ceil_boundary(&all, all.len().saturating_sub(keep));
+        self.overflow = Some(Overflow {
+            tail: all[tail_start..].to_string(),
+            total: all.len(),
+        });
+    }
+
+    /// Text to append to the full-output file, if the output overflowed.
+    pub fn take_spill(&mut self) -> Option<String> {
+        (!self.spill.is_empty()).then(|| std::mem::take(&mut self.spill))
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflow.is_some()
+    }
+
     fn before_output(&mut self) {
         if std::mem::take(&mut self.pending_clear) {
             self.clear();
@@ -102,11 +203,78 @@ impl Collector {
     fn clear(&mut self) {
         self.out.output.clear();
         self.last_stream = None;
+        self.kept = 0;
+        self.overflow = None;
     }
 
-    pub fn finish(self) -> CellOutput {
+    /// The assembled output; `spilled_to` names the file with the full text.
+    pub fn finish(mut self, spilled_to: Option<&str>) -> CellOutput {
+        if let Some(ov) = self.overflow.take() {
+            let keep = self.limit / 2;
+            let tail = &ov.tail[ceil_boundary(&ov.tail, ov.tail.len().saturating_sub(keep))..];
+            let head: usize = self.out.output.iter().map(String::len).sum();
+            let omitted = ov.total.saturating_sub(head + tail.len());
+            let saved = match spilled_to {
+                Some(name) => format!("the full output is in the file {name}"),
+                None => "the full output could not be saved".to_string(),
+            };
+            self.out.output.push(format!(
+                "\n[... {omitted} characters of output omitted ({} in all); {saved} ...]\n",
+                ov.total
+            ));
+            self.out.output.push(collapse_cr(tail));
+        }
         self.out
     }
+}
+
+/// Progress bars redraw a line with `\r`: keep each line's last state.
+fn collapse_cr(s: &str) -> String {
+    if !s.contains('\r') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    for (i, line) in s.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        // A trailing '\r' (bar about to redraw) keeps the current state.
+        out.push_str(line.rsplit('\r').find(|p| !p.is_empty()).unwrap_or(""));
+    }
+    out
+}
+
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    if i >= s.len() {
+        return s.len();
+    }
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn ceil_boundary(s: &str, mut i: usize) -> usize {
+    while i < s.len() && !s.is_char_boundary(i) {
+        i += 1;
+    }
+    i
+}
+
+/// Keeps the head and tail of a long text.
+fn truncate_middle(s: &str, limit: usize) -> String {
+    if s.len() <= limit {
+        return s.to_string();
+    }
+    let head = floor_boundary(s, limit / 2);
+    let tail = ceil_boundary(s, s.len() - limit / 2);
+    format!(
+        "{}\n[... {} characters omitted ...]\n{}",
+        &s[..head],
+        tail - head,
+        &s[tail..]
+    )
 }
 
 fn plain(data: &[MimeData]) -> Option<String> {
@@ -184,28 +352,28 @@ mod tests {
 
     #[test]
     fn streams_merge_in_order() {
-        let mut c = Collector::default();
+        let mut c = Collector::new(20_000);
         c.push(stream(false, "a\n"));
         c.push(stream(false, "b\n"));
         c.push(stream(true, "warn\n"));
         c.push(stream(false, "c\n"));
-        assert_eq!(c.finish().output, vec!["a\nb\n", "warn\n", "c\n"]);
+        assert_eq!(c.finish(None).output, vec!["a\nb\n", "warn\n", "c\n"]);
     }
 
     #[test]
     fn clear_output_is_honoured() {
-        let mut c = Collector::default();
+        let mut c = Collector::new(20_000);
         c.push(stream(false, "10%"));
         c.push(KernelEvent::ClearOutput { wait: true });
         c.push(stream(false, "100%"));
         c.push(KernelEvent::ClearOutput { wait: false });
         c.push(stream(false, "done"));
-        assert_eq!(c.finish().output, vec!["done"]);
+        assert_eq!(c.finish(None).output, vec!["done"]);
     }
 
     #[test]
     fn errors_have_clean_tracebacks() {
-        let mut c = Collector::default();
+        let mut c = Collector::new(20_000);
         c.push(KernelEvent::Error {
             ename: "ZeroDivisionError".into(),
             evalue: "division by zero".into(),
@@ -214,7 +382,7 @@ mod tests {
                 "\u{1b}]8;;file:///x\u{7}link\u{1b}]8;;\u{7} text".into(),
             ],
         });
-        let out = c.finish();
+        let out = c.finish(None);
         assert_eq!(
             out.error.as_deref(),
             Some("ZeroDivisionError: division by zero")
@@ -227,7 +395,7 @@ mod tests {
 
     #[test]
     fn images_are_decoded_and_text_displays_kept() {
-        let mut c = Collector::default();
+        let mut c = Collector::new(20_000);
         c.push(KernelEvent::Display(vec![
             MimeData {
                 mime: "text/plain".into(),
@@ -246,11 +414,56 @@ mod tests {
             mime: "text/plain".into(),
             data: "42".into(),
         }]));
-        let out = c.finish();
+        let out = c.finish(None);
         assert_eq!(out.images.len(), 1);
         assert_eq!(out.images[0].ext, "png");
         assert_eq!(out.images[0].bytes, vec![0x89, 0x50, 0x4e, 0x47]);
         assert_eq!(out.output, vec!["   a\n0  1"]);
         assert_eq!(out.result.as_deref(), Some("42"));
+    }
+    #[test]
+    fn carriage_returns_collapse_to_the_last_state() {
+        let mut c = Collector::new(20_000);
+        c.push(stream(false, "start\n"));
+        for i in 0..=100 {
+            c.push(stream(false, &format!("\r{i:3}%|")));
+        }
+        c.push(stream(false, "\nend\n"));
+        assert_eq!(c.finish(None).output, vec!["start\n100%|\nend\n"]);
+    }
+
+    #[test]
+    fn huge_output_keeps_head_and_tail_and_spills_everything() {
+        let mut c = Collector::new(1000);
+        let mut spilled = String::new();
+        let mut all = String::new();
+        for i in 0..10_000 {
+            let line = format!("line {i}\n");
+            all.push_str(&line);
+            c.push(stream(false, &line));
+            if let Some(s) = c.take_spill() {
+                spilled.push_str(&s);
+            }
+        }
+        assert!(c.overflowed());
+        assert_eq!(spilled, all);
+        let out = c.finish(Some("output_1.txt")).output;
+        let joined = out.concat();
+        assert!(joined.len() < 1200, "{}", joined.len());
+        assert!(joined.starts_with("line 0\n"));
+        assert!(joined.ends_with("line 9999\n"));
+        assert!(joined.contains("characters of output omitted"));
+        assert!(joined.contains("output_1.txt"));
+    }
+
+    #[test]
+    fn multibyte_text_is_cut_on_char_boundaries() {
+        let mut c = Collector::new(100);
+        for _ in 0..200 {
+            c.push(stream(false, "äöü€"));
+        }
+        let out = c.finish(None).output.concat();
+        assert!(out.contains("omitted"));
+        assert!(out.starts_with('ä'));
     }
 }

@@ -90,36 +90,41 @@ impl Workspace {
         files
     }
 
-    /// Saves image bytes as `{stem}_{n}.{ext}` with the first free `n`.
+    /// Saves bytes as `{stem}_{n}.{ext}` with the first free `n`.
     pub async fn save_new(
         &self,
         stem: &str,
         ext: &str,
         bytes: Vec<u8>,
     ) -> std::io::Result<FileInfo> {
-        let root = self.root.clone();
-        let (stem, ext) = (stem.to_string(), ext.to_string());
-        tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            for n in 1u32.. {
-                let name = format!("{stem}_{n}.{ext}");
-                match std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(root.join(&name))
-                {
-                    Ok(mut f) => {
-                        f.write_all(&bytes)?;
-                        return Ok(file_info(&name, bytes.len() as u64));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(e),
-                }
+        use tokio::io::AsyncWriteExt;
+        let (mut file, name) = self.create_new(stem, ext).await?;
+        file.write_all(&bytes).await?;
+        file.flush().await?;
+        Ok(file_info(&name, bytes.len() as u64))
+    }
+
+    /// Creates `{stem}_{n}.{ext}` with the first free `n` (never overwrites);
+    /// returns the open file and its relative name.
+    pub async fn create_new(
+        &self,
+        stem: &str,
+        ext: &str,
+    ) -> std::io::Result<(tokio::fs::File, String)> {
+        for n in 1u32.. {
+            let name = format!("{stem}_{n}.{ext}");
+            match tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(self.root.join(&name))
+                .await
+            {
+                Ok(f) => return Ok((f, name)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
             }
-            unreachable!("u32 names exhausted")
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        }
+        Err(std::io::Error::other("no free file name"))
     }
 
     /// Deletes the folder and everything in it.
