@@ -509,3 +509,45 @@ async fn huge_output_is_bounded_and_saved() {
     assert_eq!(v["output"], json!(["100%\n"]));
     s.stop().await;
 }
+
+/// A call the client cancels interrupts the cell; the session keeps its state.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_call_interrupts_and_keeps_state() {
+    use rmcp::model::{CallToolRequest, CallToolRequestParams, ClientRequest};
+    use rmcp::service::PeerRequestOptions;
+    for t in [Transport::Stdio, Transport::Http] {
+        let s = start(t, &[]).await;
+        let (id, _) = s.new_session("kept = 'yes'").await;
+        let args = json!({"code": "open('started','w').close()\nimport time\ntime.sleep(120)", "session_id": id});
+        let handle = s
+            .client
+            .send_cancellable_request(
+                ClientRequest::CallToolRequest(CallToolRequest::new(
+                    CallToolRequestParams::new("execute_code")
+                        .with_arguments(args.as_object().cloned().unwrap()),
+                )),
+                PeerRequestOptions::no_options(),
+            )
+            .await
+            .unwrap();
+        let started = s.data_dir.path().join(&id).join("started");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !started.exists() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(started.exists(), "cell never started");
+        let t0 = std::time::Instant::now();
+        handle
+            .cancel(Some("user pressed stop".into()))
+            .await
+            .unwrap();
+        let v = s.exec(&id, "kept").await;
+        assert_eq!(v["result"], "'yes'", "{v}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "cancel did not interrupt ({:?})",
+            t0.elapsed()
+        );
+        s.stop().await;
+    }
+}

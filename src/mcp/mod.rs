@@ -56,7 +56,11 @@ impl Interpreter {
         input_schema = schema_for_input::<ExecuteCodeArgs>().expect("object schema"),
         output_schema = schema_for_output::<ExecuteCodeResult>()
     )]
-    async fn execute_code(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+    async fn execute_code(
+        &self,
+        args: JsonObject,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         let args: ExecuteCodeArgs = parse(args)?;
         let timeout = match args.timeout {
             None => None,
@@ -83,11 +87,16 @@ impl Interpreter {
             Ok(s) => s,
             Err(e) => return Ok(execute_failure(&raw_id, e)),
         };
-        let report = match self.registry.execute(&session, args.code, timeout).await {
+        let id = session.id.clone();
+        let report = match self
+            .registry
+            .execute(session, args.code, timeout, ctx.ct.clone())
+            .await
+        {
             Ok(r) => r,
-            Err(e) => return Ok(execute_failure(session.id.as_str(), e)),
+            Err(e) => return Ok(execute_failure(id.as_str(), e)),
         };
-        let id = session.id.as_str();
+        let id = id.as_str();
         let session_info = new_session.then(|| SessionInfo {
             session_id: id.to_string(),
             instructions: self.session_instructions(id),

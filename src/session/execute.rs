@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::output::{CellOutput, Collector};
 use super::{Registry, Session, SessionError, State};
@@ -28,29 +29,47 @@ pub struct ExecutionReport {
 enum Outcome {
     Completed,
     Died(String),
-    /// Interrupted at the deadline; `stopped` tells whether the cell then ended.
-    TimedOut {
+    /// Interrupted at the deadline, or because the client cancelled the call;
+    /// `stopped` tells whether the cell then ended.
+    Interrupted {
         stopped: bool,
+        cancelled: bool,
     },
 }
 
 impl Registry {
     /// Runs `code` in `session`, waiting for calls queued before it.
+    ///
+    /// The call runs in its own task, so a client that goes away mid-call
+    /// cannot leave the kernel half-way through a cell: `cancel` (the
+    /// client's cancellation) interrupts the cell instead, like a timeout.
     pub async fn execute(
-        &self,
-        session: &Arc<Session>,
+        self: &Arc<Self>,
+        session: Arc<Session>,
         code: String,
         timeout: Option<Duration>,
+        cancel: CancellationToken,
     ) -> Result<ExecutionReport, SessionError> {
-        let limit = timeout.unwrap_or(self.settings.execution_timeout);
-        let mut state = session.state.lock().await;
-        if state.closed {
-            return Err(SessionError::NotFound(format!("'{}'", session.id)));
-        }
-        session.touch();
-        let report = self.run_locked(session, &mut state, code, limit).await;
-        session.touch();
-        report
+        let registry = self.clone();
+        let task = tokio::spawn(async move {
+            let limit = timeout.unwrap_or(registry.settings.execution_timeout);
+            let mut state = session.state.lock().await;
+            if state.closed {
+                return Err(SessionError::NotFound(format!("'{}'", session.id)));
+            }
+            session.touch();
+            let report = registry
+                .run_locked(&session, &mut state, code, limit, &cancel)
+                .await;
+            session.touch();
+            report
+        });
+        task.await.unwrap_or_else(|e| {
+            tracing::error!("execution task failed: {e}");
+            Err(SessionError::Io(std::io::Error::other(
+                "execution task failed",
+            )))
+        })
     }
 
     async fn run_locked(
@@ -59,6 +78,7 @@ impl Registry {
         state: &mut State,
         code: String,
         limit: Duration,
+        cancel: &CancellationToken,
     ) -> Result<ExecutionReport, SessionError> {
         let mut notes: Vec<String> = state.notice.take().into_iter().collect();
         let stream = match self.start_cell(session, state, code.clone()).await {
@@ -76,7 +96,15 @@ impl Registry {
         let mut collector = Collector::new(self.settings.max_output_chars);
         let mut spill = Spill::default();
         let outcome = self
-            .wait(stream, &mut collector, &mut spill, session, state, deadline)
+            .wait(
+                stream,
+                &mut collector,
+                &mut spill,
+                session,
+                state,
+                deadline,
+                cancel,
+            )
             .await;
         let mut cell: CellOutput = collector.finish(spill.name());
 
@@ -96,13 +124,24 @@ impl Registry {
                 ));
                 state.notice = Some(lost_state_note(&detail));
             }
-            Outcome::TimedOut { stopped } => {
+            Outcome::Interrupted { stopped, cancelled } => {
                 report.success = false;
                 let secs = limit.as_secs_f64();
+                let (name, why) = if cancelled {
+                    (
+                        "CancelledError",
+                        "the client cancelled the call, so the code was interrupted".to_string(),
+                    )
+                } else {
+                    (
+                        "TimeoutError",
+                        format!("execution exceeded the {secs:.0} s limit and was interrupted"),
+                    )
+                };
                 cell.error = Some(if stopped {
                     format!(
-                        "TimeoutError: execution exceeded the {secs:.0} s limit and was interrupted. \
-                         The session and its variables are kept; pass a larger `timeout` for long work."
+                        "{name}: {why}. The session and its variables are kept; \
+                         pass a larger `timeout` for long work."
                     )
                 } else {
                     if let Some(k) = state.kernel.take() {
@@ -114,8 +153,8 @@ impl Registry {
                             .into(),
                     );
                     format!(
-                        "TimeoutError: execution exceeded the {secs:.0} s limit and did not stop when \
-                         interrupted, so the kernel was restarted. Variables are lost; files are kept."
+                        "{name}: {why}, but it did not stop, so the kernel was restarted. \
+                         Variables are lost; files are kept."
                     )
                 });
             }
@@ -174,14 +213,27 @@ impl Registry {
         session: &Session,
         state: &State,
         deadline: Instant,
+        cancel: &CancellationToken,
     ) -> Outcome {
         let mut interrupted_at: Option<Instant> = None;
+        let mut cancelled = false;
         loop {
             let until = match interrupted_at {
                 None => deadline,
                 Some(t) => t + self.settings.interrupt_grace,
             };
-            match tokio::time::timeout_at(until, stream.recv()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(until, stream.recv()) => next,
+                _ = cancel.cancelled(), if interrupted_at.is_none() => {
+                    if let Some(k) = &state.kernel {
+                        k.interrupt().await;
+                    }
+                    interrupted_at = Some(Instant::now());
+                    cancelled = true;
+                    continue;
+                }
+            };
+            match next {
                 Ok(Some(ExecMessage::Event(ev))) => {
                     collector.push(ev);
                     if let Some(text) = collector.take_spill() {
@@ -191,7 +243,10 @@ impl Registry {
                 Ok(Some(ExecMessage::End(ExecEnd::Completed))) => {
                     return match interrupted_at {
                         None => Outcome::Completed,
-                        Some(_) => Outcome::TimedOut { stopped: true },
+                        Some(_) => Outcome::Interrupted {
+                            stopped: true,
+                            cancelled,
+                        },
                     };
                 }
                 Ok(Some(ExecMessage::End(ExecEnd::Died { detail }))) => {
@@ -204,7 +259,12 @@ impl Registry {
                     }
                     interrupted_at = Some(Instant::now());
                 }
-                Err(_) => return Outcome::TimedOut { stopped: false },
+                Err(_) => {
+                    return Outcome::Interrupted {
+                        stopped: false,
+                        cancelled,
+                    };
+                }
             }
         }
     }
