@@ -93,19 +93,14 @@ impl Registry {
         };
 
         let deadline = Instant::now() + limit;
-        let mut collector = Collector::new(self.settings.max_output_chars);
-        let mut spill = Spill::default();
+        let mut sink = (
+            Collector::new(self.settings.max_output_chars),
+            Spill::default(),
+        );
         let outcome = self
-            .wait(
-                stream,
-                &mut collector,
-                &mut spill,
-                session,
-                state,
-                deadline,
-                cancel,
-            )
+            .wait(stream, &mut sink, session, state, deadline, cancel)
             .await;
+        let (collector, spill) = sink;
         let mut cell: CellOutput = collector.finish(spill.name());
 
         let mut report = ExecutionReport {
@@ -208,8 +203,7 @@ impl Registry {
     async fn wait(
         &self,
         mut stream: ExecutionStream,
-        collector: &mut Collector,
-        spill: &mut Spill,
+        (collector, spill): &mut (Collector, Spill),
         session: &Session,
         state: &State,
         deadline: Instant,
