@@ -54,6 +54,10 @@ struct Args {
     /// Default time limit of one execute_code call, in seconds.
     #[arg(long, default_value_t = 300.0, env = "MCP_EXECUTION_TIMEOUT")]
     execution_timeout: f64,
+    /// Seconds a cell gets to stop after an interrupt (timeout or cancel)
+    /// before its kernel is restarted.
+    #[arg(long, default_value_t = 5.0, env = "MCP_INTERRUPT_GRACE")]
+    interrupt_grace: f64,
     /// Most characters of output returned per call; longer output keeps its head
     /// and tail, and the full text is saved to a file in the session folder.
     #[arg(long, default_value_t = 20_000, env = "MCP_MAX_OUTPUT_CHARS")]
@@ -111,7 +115,7 @@ fn main() -> anyhow::Result<()> {
         session_timeout: Duration::from_secs(args.session_timeout),
         cleanup_interval: Duration::from_secs(args.cleanup_interval),
         execution_timeout: Duration::from_secs_f64(args.execution_timeout),
-        interrupt_grace: Duration::from_secs(5),
+        interrupt_grace: Duration::from_secs_f64(args.interrupt_grace),
         max_output_chars: args.max_output_chars,
         inherited_path: std::env::var("PATH").unwrap_or_default(),
         kernel_start_timeout: Duration::from_secs(60),

@@ -551,3 +551,162 @@ async fn cancelled_call_interrupts_and_keeps_state() {
         s.stop().await;
     }
 }
+
+#[derive(Clone)]
+struct ProgressClient {
+    tx: tokio::sync::mpsc::UnboundedSender<(
+        std::time::Instant,
+        rmcp::model::ProgressNotificationParam,
+    )>,
+}
+
+impl rmcp::ClientHandler for ProgressClient {
+    async fn on_progress(
+        &self,
+        p: rmcp::model::ProgressNotificationParam,
+        _c: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) {
+        let _ = self.tx.send((std::time::Instant::now(), p));
+    }
+}
+
+/// A running cell sends progress (at most every 500 ms) with its newest output.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_notifications_carry_new_output() {
+    use rmcp::ServiceExt;
+    use rmcp::model::CallToolRequestParams;
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(common::BIN);
+    cmd.args(["--transport", "stdio", "--data-dir"])
+        .arg(data.path());
+    let proc = rmcp::transport::TokioChildProcess::new(cmd).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = ProgressClient { tx }.serve(proc).await.unwrap();
+    let args = json!({"code": "import time\nfor i in range(15):\n    print(f'step {i}', flush=True)\n    time.sleep(0.2)", "session_id": ""});
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("execute_code")
+                .with_arguments(args.as_object().cloned().unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.structured_content.unwrap()["success"], true);
+    let mut got = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        got.push(p);
+    }
+    assert!(got.len() >= 3, "only {} progress notifications", got.len());
+    assert!(
+        got.iter()
+            .any(|(_, p)| p.message.as_deref().unwrap_or("").contains("step "))
+    );
+    for w in got.windows(2) {
+        // `progress` is the server's elapsed time when it sent the update.
+        assert!(
+            w[1].1.progress - w[0].1.progress >= 0.45,
+            "progress more often than every 500 ms"
+        );
+    }
+    let _ = client.cancel().await;
+}
+
+/// Code that ignores the interrupt gets its kernel restarted after the grace
+/// period; the result and the next call say so.
+#[tokio::test(flavor = "multi_thread")]
+async fn interrupt_that_does_not_take_restarts_the_kernel() {
+    let s = start(Transport::Stdio, &["--interrupt-grace", "1"]).await;
+    let (id, _) = s
+        .new_session("v = 1\nopen('kept.txt','w').write('k')")
+        .await;
+    let t0 = std::time::Instant::now();
+    let r = s
+        .call(
+            "execute_code",
+            json!({"session_id": id, "timeout": 1,
+                   "code": "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('stubborn', flush=True)\nwhile True: time.sleep(0.1)"}),
+        )
+        .await;
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let v = r.structured_content.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().starts_with("TimeoutError:"),
+        "{v}"
+    );
+    assert!(v["error"].as_str().unwrap().contains("restarted"), "{v}");
+    assert_eq!(v["output"], json!(["stubborn\n"]));
+    let v = s
+        .exec(&id, "print(open('kept.txt').read()); 'v' in globals()")
+        .await;
+    assert_eq!(v["result"], "False", "{v}");
+    assert!(
+        v["output"][0].as_str().unwrap().contains("restarted"),
+        "{v}"
+    );
+    s.stop().await;
+}
+
+/// A segfault and a kill from outside are reported as KernelDiedError, and
+/// the session goes on in a fresh kernel with its files.
+#[tokio::test(flavor = "multi_thread")]
+async fn segfault_and_external_kill_are_kernel_deaths() {
+    let s = start(Transport::Stdio, &[]).await;
+    let (id, _) = s.new_session("open('kept.txt','w').write('k')").await;
+    let v = s.exec(&id, "import ctypes; ctypes.string_at(0)").await;
+    assert!(
+        v["error"].as_str().unwrap().starts_with("KernelDiedError:"),
+        "{v}"
+    );
+    assert!(v["error"].as_str().unwrap().contains("SIGSEGV"), "{v}");
+
+    let v = s.exec(&id, "import os; os.getpid()").await;
+    assert!(v["output"][0].as_str().unwrap().contains("lost"), "{v}");
+    let pid: i32 = v["result"].as_str().unwrap().parse().unwrap();
+    let victim = {
+        let s = &s;
+        let id = id.clone();
+        async move { s.exec(&id, "import time; time.sleep(30)").await }
+    };
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    };
+    let t0 = std::time::Instant::now();
+    let (v, ()) = tokio::join!(victim, killer);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(
+        v["error"].as_str().unwrap().starts_with("KernelDiedError:"),
+        "{v}"
+    );
+    let v = s.exec(&id, "open('kept.txt').read()").await;
+    assert_eq!(v["result"], "'k'", "{v}");
+    s.stop().await;
+}
+
+/// Control characters, invalid UTF-8 and ANSI codes in output cannot break the JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn odd_bytes_in_output_stay_valid_json() {
+    let s = start(Transport::Http, &[]).await;
+    let (id, _) = s.new_session("import sys").await;
+    let v = s
+        .exec(
+            &id,
+            "print('nul\\x00 bell\\x07 esc\\x1b[31mred\\x1b[0m')\n!printf 'bad \\377\\376 bytes\\n'\n'\\x00\\udcff'",
+        )
+        .await;
+    assert_eq!(v["success"], true, "{v}");
+    let out = v["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect::<String>();
+    assert!(out.contains("nul\u{0} bell"), "{out:?}");
+    assert!(out.contains("bad "), "{out:?}");
+    assert!(v["result"].is_string());
+    assert_eq!(s.exec(&id, "1+1").await["result"], "2");
+    s.stop().await;
+}

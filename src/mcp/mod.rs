@@ -15,15 +15,15 @@ use rmcp::handler::server::common::{schema_for_input, schema_for_output};
 use rmcp::handler::server::tool::ToolRouter;
 use rmcp::model::{
     CallToolResult, Implementation, JsonObject, ListResourceTemplatesResult, ListResourcesResult,
-    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
-    ServerConfig,
+    PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequestParams,
+    ReadResourceResponse, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::session::{ExecutionReport, Registry, SessionError};
+use crate::session::{CallControl, ExecutionReport, ProgressUpdate, Registry, SessionError};
 use crate::workspace::FileInfo;
 use types::*;
 
@@ -88,11 +88,16 @@ impl Interpreter {
             Err(e) => return Ok(execute_failure(&raw_id, e)),
         };
         let id = session.id.clone();
-        let report = match self
+        let (control, progress) = call_control(&ctx);
+        let report = self
             .registry
-            .execute(session, args.code, timeout, ctx.ct.clone())
-            .await
-        {
+            .execute(session, args.code, timeout, control)
+            .await;
+        if let Some(p) = progress {
+            // The sender side is gone with the call; the forwarder ends by itself.
+            let _ = p.await;
+        }
+        let report = match report {
             Ok(r) => r,
             Err(e) => return Ok(execute_failure(id.as_str(), e)),
         };
@@ -230,6 +235,41 @@ impl ServerHandler for Interpreter {
             .await
             .map(Into::into)
     }
+}
+
+/// The call's cancellation and, when the client sent a progress token, a
+/// task that turns [`ProgressUpdate`]s into `notifications/progress`.
+fn call_control(
+    ctx: &RequestContext<RoleServer>,
+) -> (CallControl, Option<tokio::task::JoinHandle<()>>) {
+    let mut control = CallControl {
+        cancel: ctx.ct.clone(),
+        progress: None,
+    };
+    let Some(token) = ctx.meta.get_progress_token() else {
+        return (control, None);
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ProgressUpdate>(4);
+    control.progress = Some(tx);
+    let peer = ctx.peer.clone();
+    let forward = tokio::spawn(async move {
+        while let Some(u) = rx.recv().await {
+            let secs = u.elapsed.as_secs_f64();
+            let message = if u.recent_output.is_empty() {
+                format!("running for {secs:.1} s")
+            } else {
+                format!(
+                    "running for {secs:.1} s; latest output:\n{}",
+                    u.recent_output
+                )
+            };
+            let param = ProgressNotificationParam::new(token.clone(), secs).with_message(message);
+            if peer.notify_progress(param).await.is_err() {
+                break;
+            }
+        }
+    });
+    (control, Some(forward))
 }
 
 /// "30 minutes", "1 minute", "90 seconds".

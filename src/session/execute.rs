@@ -12,6 +12,30 @@ use super::{Registry, Session, SessionError, State};
 use crate::kernel::{ExecEnd, ExecMessage, ExecutionStream, KernelError};
 use crate::workspace::{Change, FileInfo};
 
+/// Progress updates are sent at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// Without new output, an update is still sent this often (keeps clients patient).
+const PROGRESS_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How much of the newest output a progress update carries.
+const PROGRESS_CHARS: usize = 500;
+
+/// How the caller steers a running call.
+#[derive(Debug, Clone, Default)]
+pub struct CallControl {
+    /// Fired when the client cancels: the cell is interrupted.
+    pub cancel: CancellationToken,
+    /// Receives progress while the cell runs, if the client asked for it.
+    pub progress: Option<tokio::sync::mpsc::Sender<ProgressUpdate>>,
+}
+
+/// A running cell's progress.
+#[derive(Debug, Clone)]
+pub struct ProgressUpdate {
+    pub elapsed: Duration,
+    /// The newest output lines (up to a few hundred characters).
+    pub recent_output: String,
+}
+
 /// What one call produced, in domain terms (the MCP layer renders it).
 #[derive(Debug, Clone, Default)]
 pub struct ExecutionReport {
@@ -41,14 +65,14 @@ impl Registry {
     /// Runs `code` in `session`, waiting for calls queued before it.
     ///
     /// The call runs in its own task, so a client that goes away mid-call
-    /// cannot leave the kernel half-way through a cell: `cancel` (the
+    /// cannot leave the kernel half-way through a cell: `control.cancel` (the
     /// client's cancellation) interrupts the cell instead, like a timeout.
     pub async fn execute(
         self: &Arc<Self>,
         session: Arc<Session>,
         code: String,
         timeout: Option<Duration>,
-        cancel: CancellationToken,
+        control: CallControl,
     ) -> Result<ExecutionReport, SessionError> {
         let registry = self.clone();
         let task = tokio::spawn(async move {
@@ -59,7 +83,7 @@ impl Registry {
             }
             session.touch();
             let report = registry
-                .run_locked(&session, &mut state, code, limit, &cancel)
+                .run_locked(&session, &mut state, code, limit, &control)
                 .await;
             session.touch();
             report
@@ -78,7 +102,7 @@ impl Registry {
         state: &mut State,
         code: String,
         limit: Duration,
-        cancel: &CancellationToken,
+        control: &CallControl,
     ) -> Result<ExecutionReport, SessionError> {
         let mut notes: Vec<String> = state.notice.take().into_iter().collect();
         let stream = match self.start_cell(session, state, code.clone()).await {
@@ -98,7 +122,7 @@ impl Registry {
             Spill::default(),
         );
         let outcome = self
-            .wait(stream, &mut sink, session, state, deadline, cancel)
+            .wait(stream, &mut sink, session, state, deadline, control)
             .await;
         let (collector, spill) = sink;
         let mut cell: CellOutput = collector.finish(spill.name());
@@ -207,10 +231,16 @@ impl Registry {
         session: &Session,
         state: &State,
         deadline: Instant,
-        cancel: &CancellationToken,
+        control: &CallControl,
     ) -> Outcome {
         let mut interrupted_at: Option<Instant> = None;
         let mut cancelled = false;
+        let started = Instant::now();
+        let mut progress = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What the last progress update showed, to send only what is new.
+        let mut shown_seq = 0u64;
+        let mut last_sent = started;
         loop {
             let until = match interrupted_at {
                 None => deadline,
@@ -218,7 +248,22 @@ impl Registry {
             };
             let next = tokio::select! {
                 next = tokio::time::timeout_at(until, stream.recv()) => next,
-                _ = cancel.cancelled(), if interrupted_at.is_none() => {
+                _ = progress.tick(), if control.progress.is_some() => {
+                    let seq = collector.seq();
+                    let heartbeat = last_sent.elapsed() >= PROGRESS_HEARTBEAT;
+                    if (seq != shown_seq || heartbeat)
+                        && let Some(tx) = &control.progress
+                    {
+                        let _ = tx.try_send(ProgressUpdate {
+                            elapsed: started.elapsed(),
+                            recent_output: collector.recent(PROGRESS_CHARS),
+                        });
+                        shown_seq = seq;
+                        last_sent = Instant::now();
+                    }
+                    continue;
+                }
+                _ = control.cancel.cancelled(), if interrupted_at.is_none() => {
                     if let Some(k) = &state.kernel {
                         k.interrupt().await;
                     }

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::kernel::{KernelError, KernelFactory, KernelHandle};
 use crate::workspace::{Snapshot, Workspace};
 
-pub use execute::ExecutionReport;
+pub use execute::{CallControl, ExecutionReport, ProgressUpdate};
 pub use id::SessionId;
 
 /// What the registry needs to know, fixed at start-up.

@@ -44,6 +44,8 @@ pub struct Collector {
     overflow: Option<Overflow>,
     /// Full text not yet written to the spill file (drained by the caller).
     spill: String,
+    /// Counts output events, so progress reports only send what is new.
+    seq: u64,
 }
 
 /// The last part of an overflowing output, and how much was seen in all.
@@ -63,10 +65,12 @@ impl Collector {
             kept: 0,
             overflow: None,
             spill: String::new(),
+            seq: 0,
         }
     }
 
     pub fn push(&mut self, event: KernelEvent) {
+        self.seq += 1;
         match event {
             KernelEvent::ClearOutput { wait: true } => self.pending_clear = true,
             KernelEvent::ClearOutput { wait: false } => self.clear(),
@@ -183,6 +187,25 @@ impl Collector {
             tail: all[tail_start..].to_string(),
             total: all.len(),
         });
+    }
+
+    /// How many events were pushed so far.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The newest output, up to about `max` bytes, starting at a line.
+    pub fn recent(&self, max: usize) -> String {
+        let text: &str = match &self.overflow {
+            Some(ov) => &ov.tail,
+            None => self.out.output.last().map(String::as_str).unwrap_or(""),
+        };
+        let start = ceil_boundary(text, text.len().saturating_sub(max));
+        let cut = &text[start..];
+        match (start > 0, cut.find('\n')) {
+            (true, Some(i)) if i + 1 < cut.len() => cut[i + 1..].to_string(),
+            _ => cut.to_string(),
+        }
     }
 
     /// Text to append to the full-output file, if the output overflowed.
