@@ -710,3 +710,50 @@ async fn odd_bytes_in_output_stay_valid_json() {
     assert_eq!(s.exec(&id, "1+1").await["result"], "2");
     s.stop().await;
 }
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The server's memory stays bounded while a cell prints hundreds of MB,
+/// in one write or in many; the full text still reaches the output file.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_flood_keeps_server_memory_bounded() {
+    let s = start(Transport::Stdio, &[]).await;
+    let (id, _) = s.new_session("1").await;
+    let v = s.exec(&id, "print('x' * 200_000_000)").await;
+    assert_eq!(v["success"], true, "{v}");
+    let f = &v["files"][0];
+    assert_eq!(f["size"], 200_000_001, "{v}");
+    let v = s
+        .exec(&id, "for i in range(100_000): print('line', i, 'y' * 100)")
+        .await;
+    assert_eq!(v["success"], true);
+    let peak = peak_rss_kb(s.pid);
+    assert!(peak < 120_000, "server peak RSS {peak} kB while flooding");
+    s.stop().await;
+}
+
+/// A cell longer than a typical client's patience, within its timeout, runs
+/// to the end over HTTP (SSE keep-alives and progress keep the stream open).
+#[tokio::test(flavor = "multi_thread")]
+async fn long_cell_over_http_is_not_cut_short() {
+    let s = start(Transport::Http, &[]).await;
+    let (id, _) = s.new_session("import time").await;
+    let r = s
+        .call(
+            "execute_code",
+            json!({"session_id": id, "timeout": 120, "code": "time.sleep(20)\nprint('finished')"}),
+        )
+        .await;
+    let v = r.structured_content.unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["output"], json!(["finished\n"]));
+    s.stop().await;
+}

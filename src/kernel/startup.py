@@ -6,6 +6,44 @@ def __mcp_interpreter_setup():
     # project pins kaleido 0.2.1 on purpose because it ships its own Chromium.
     warnings.filterwarnings("ignore", message=r"(?s).*Kaleido versions less than 1")
 
+    # One huge write (print('x' * 10**9)) would become one huge iopub message
+    # that the server must hold whole: split big writes into bounded messages.
+    import contextlib
+    import sys
+
+    try:
+        from ipykernel.iostream import OutStream
+    except ImportError:
+        return
+    ip = get_ipython()  # noqa: F821 (defined in every IPython kernel)
+    # IPython 9 "tees" every write of a cell into the history (in memory, for
+    # %history -o) by patching each stream's `write` for the cell. That keeps
+    # all output of a flood in the kernel's memory and hides our class-level
+    # patch; we need neither, so the tee becomes a no-op.
+    ip._tee = lambda channel: contextlib.nullcontext()
+
+    chunk = 64 * 1024
+    original = OutStream.write
+
+    def write(self, string):
+        if isinstance(string, str) and len(string) > chunk:
+            for i in range(0, len(string), chunk):
+                original(self, string[i : i + chunk])
+                self.flush()
+            return len(string)
+        return original(self, string)
+
+    OutStream.write = write
+
+    def unpin(*args, **kwargs):
+        # This start-up cell's tee restores an instance-level `write` when it
+        # ends; drop it before the first user cell so the class method is used.
+        for stream in (sys.stdout, sys.stderr):
+            stream.__dict__.pop("write", None)
+        ip.events.unregister("pre_execute", unpin)
+
+    ip.events.register("pre_execute", unpin)
+
 
 __mcp_interpreter_setup()
 del __mcp_interpreter_setup
