@@ -757,3 +757,55 @@ async fn long_cell_over_http_is_not_cut_short() {
     assert_eq!(v["output"], json!(["finished\n"]));
     s.stop().await;
 }
+
+/// A kernel that stops answering altogether (SIGSTOP) is restarted after the
+/// grace period; the caller gets a clear result and the session goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn frozen_kernel_is_restarted() {
+    let s = start(Transport::Stdio, &["--interrupt-grace", "1"]).await;
+    let (id, v) = s.new_session("import os; os.getpid()").await;
+    let pid: i32 = v["result"].as_str().unwrap().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let r = s
+        .call(
+            "execute_code",
+            json!({"session_id": id, "timeout": 1, "code": "1"}),
+        )
+        .await;
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let v = r.structured_content.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().starts_with("TimeoutError:"),
+        "{v}"
+    );
+    assert!(v["error"].as_str().unwrap().contains("restarted"), "{v}");
+    assert!(
+        common::wait_gone(pid, Duration::from_secs(5)).await,
+        "frozen kernel left running"
+    );
+    let v = s.exec(&id, "'alive'").await;
+    assert_eq!(v["result"], "'alive'", "{v}");
+    s.stop().await;
+}
+
+/// `clear_output` inside a cell drops what was shown before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn clear_output_is_honoured() {
+    let s = start(Transport::Stdio, &[]).await;
+    let (id, _) = s
+        .new_session("from IPython.display import clear_output")
+        .await;
+    let v = s
+        .exec(
+            &id,
+            "for k in range(3):\n    clear_output(wait=True)\n    print('frame', k)\nprint('end')",
+        )
+        .await;
+    assert_eq!(v["output"], json!(["frame 2\nend\n"]), "{v}");
+    s.stop().await;
+}

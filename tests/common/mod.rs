@@ -44,7 +44,7 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
             cmd.arg("--transport")
                 .arg("stdio")
                 .args(&args)
-                .env("LOG_LEVEL", "warn");
+                .env("LOG_LEVEL", "error");
             let (proc, _stderr) = TokioChildProcess::builder(cmd)
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -62,7 +62,7 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
             let mut child = Command::new(BIN)
                 .args(["--transport", "http", "--host", "127.0.0.1", "--port", "0"])
                 .args(&args)
-                .env("LOG_LEVEL", "warn")
+                .env("LOG_LEVEL", "error")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())

@@ -1,0 +1,116 @@
+"""Soak: thousands of calls across many sessions, hostile cells included.
+
+Drives the release binary over stdio with the official Python MCP SDK and
+reports, per kind of cell, how many calls got an answer, plus the server's
+RSS before and after. Not a test: it prints figures (and exits 1 if any call
+went unanswered or a session stopped working).
+
+    ./bench/soak [--calls 3000] [--sessions 8]
+"""
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+from mcp import Client, StdioServerParameters
+
+# (name, code, timeout seconds or None, weight)
+CELLS = [
+    ("trivial", "x = 1", None, 40),
+    ("print", "print(i := (globals().get('i', 0) + 1))", None, 20),
+    ("exception", "1/0", None, 8),
+    ("input", "input('name?')", None, 5),
+    ("timeout", "import time; time.sleep(5)", 0.3, 3),
+    ("flood", "print('x' * 3_000_000)", None, 3),
+    ("lines", "for k in range(20_000): print(k)", None, 3),
+    ("progress-bar", "import sys\nfor k in range(200): sys.stdout.write(f'\\r{k}')\nprint()", None, 4),
+    ("file", "open('f.csv','w').write('a,b\\n1,2\\n')", None, 6),
+    ("figure", "import matplotlib.pyplot as plt; plt.plot([1,2]); plt.show()", None, 2),
+    ("kernel-death", "import os; os._exit(1)", None, 1),
+]
+
+
+def server_rss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+
+
+def find_server_pid(data_dir):
+    out = subprocess.run(["pgrep", "-f", f"--data-dir {data_dir}"], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split()]
+    return pids[0] if pids else None
+
+
+async def worker(client, n_calls, seed, stats, failures):
+    r = await client.call_tool("execute_code", {"code": "import os", "session_id": ""})
+    sid = r.structured_content["session_id"]
+    weights = [c[3] for c in CELLS]
+    import random
+
+    rnd = random.Random(seed)
+    for _ in range(n_calls):
+        name, code, timeout, _ = rnd.choices(CELLS, weights)[0]
+        args = {"code": code, "session_id": sid}
+        if timeout:
+            args["timeout"] = timeout
+        try:
+            r = await asyncio.wait_for(client.call_tool("execute_code", args), 120)
+            s = r.structured_content
+            ok = s is not None and "success" in s
+            stats[(name, "answered" if ok else "malformed")] += 1
+        except Exception as e:  # noqa: BLE001 - every failure is counted
+            stats[(name, "no answer")] += 1
+            failures.append(f"{name}: {e!r}")
+    # The session must still work.
+    r = await client.call_tool("execute_code", {"code": "6*7", "session_id": sid})
+    if r.structured_content.get("result") != "42":
+        failures.append(f"session {sid} unusable at the end: {r.structured_content}")
+    await client.call_tool("clear_session", {"session_id": sid})
+
+
+async def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default="target/release/mcp-python-interpreter")
+    ap.add_argument("--calls", type=int, default=3000)
+    ap.add_argument("--sessions", type=int, default=8)
+    a = ap.parse_args()
+    data_dir = tempfile.mkdtemp(prefix="soak-")
+    params = StdioServerParameters(
+        command=a.bin,
+        args=["--transport", "stdio", "--data-dir", data_dir, "--interrupt-grace", "2"],
+        env={**os.environ, "LOG_LEVEL": "error"},
+    )
+    stats, failures = Counter(), []
+    async with Client(params, read_timeout_seconds=180) as client:
+        await client.call_tool("execute_code", {"code": "1", "session_id": ""})
+        pid = find_server_pid(data_dir)
+        before = server_rss_kb(pid)
+        t0 = time.time()
+        per = a.calls // a.sessions
+        await asyncio.gather(*(worker(client, per, k, stats, failures) for k in range(a.sessions)))
+        elapsed = time.time() - t0
+        after = server_rss_kb(pid)
+    total = sum(stats.values())
+    answered = sum(v for (n, k), v in stats.items() if k == "answered")
+    print(f"{'cell':<14} {'answered':>9} {'no answer':>10}")
+    for name, *_ in CELLS:
+        print(f"{name:<14} {stats[(name, 'answered')]:>9} {stats[(name, 'no answer')] + stats[(name, 'malformed')]:>10}")
+    print(f"\n{answered}/{total} calls answered in {elapsed:.1f} s ({total / elapsed:.0f} calls/s) across {a.sessions} sessions")
+    print(f"server RSS: {before} kB before, {after} kB after ({(after - before) / 1024:+.1f} MB)")
+    for f in failures[:20]:
+        print("FAILURE:", f)
+    sys.exit(0 if answered == total and not failures else 1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
