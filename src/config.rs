@@ -28,6 +28,14 @@ pub struct Config {
     pub execution_timeout: Duration,
     /// How long a cell gets to stop after an interrupt before its kernel is restarted.
     pub interrupt_grace: Duration,
+    /// Most live sessions at once.
+    pub max_sessions: usize,
+    /// Bearer tokens accepted over HTTP; empty means no authentication.
+    pub tokens: crate::auth::Tokens,
+    /// Browser origins allowed besides loopback ones (DNS-rebinding protection).
+    pub allowed_origins: Vec<String>,
+    /// HTTP requests handled at once; more get 503.
+    pub max_concurrent_requests: usize,
     /// Most characters of output returned per call (head and tail kept).
     pub max_output_chars: usize,
     /// The server's own PATH, which kernels get after their environment's `bin`.

@@ -7,6 +7,7 @@
 //! files of one session on disk; [`environment`] provisions the kernels'
 //! Python; [`serve`] runs the transports.
 
+pub mod auth;
 pub mod config;
 pub mod environment;
 pub mod kernel;

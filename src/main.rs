@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use mcp_python_interpreter::auth::Tokens;
 use mcp_python_interpreter::config::{Config, TransportKind};
 use mcp_python_interpreter::{environment, serve};
 
@@ -62,6 +63,21 @@ struct Args {
     /// and tail, and the full text is saved to a file in the session folder.
     #[arg(long, default_value_t = 20_000, env = "MCP_MAX_OUTPUT_CHARS")]
     max_output_chars: usize,
+    /// Most live sessions; beyond it execute_code answers SessionLimitError.
+    #[arg(long, default_value_t = 64, env = "MCP_MAX_SESSIONS")]
+    max_sessions: usize,
+    /// Require `Authorization: Bearer TOKEN` on HTTP (at least 16 characters).
+    #[arg(long, env = "MCP_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// File of `NAME TOKEN` lines: several principals, each owning its sessions.
+    #[arg(long, env = "MCP_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// A browser origin allowed to call the HTTP endpoint, besides loopback ones (repeatable).
+    #[arg(long = "allowed-origin")]
+    allowed_origins: Vec<String>,
+    /// HTTP requests handled at once; more are answered 503.
+    #[arg(long, default_value_t = 256)]
+    max_concurrent_requests: usize,
     /// Log level (error, warn, info, debug, trace), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -101,6 +117,27 @@ fn main() -> anyhow::Result<()> {
         "timeouts must be positive"
     );
 
+    let mut tokens = match &args.tokens_file {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            Tokens::parse(&text).with_context(|| format!("in {}", f.display()))?
+        }
+        None => Tokens::default(),
+    };
+    if let Some(t) = &args.auth_token {
+        anyhow::ensure!(
+            tokens.is_empty(),
+            "give --auth-token or --tokens-file, not both"
+        );
+        tokens = Tokens::single(t).context("--auth-token")?;
+    }
+    anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");
+    anyhow::ensure!(
+        args.max_concurrent_requests > 0,
+        "--max-concurrent-requests must be at least 1"
+    );
+
     let config = Config {
         transport: match args.transport {
             Transport::Stdio => TransportKind::Stdio,
@@ -117,6 +154,10 @@ fn main() -> anyhow::Result<()> {
         execution_timeout: Duration::from_secs_f64(args.execution_timeout),
         interrupt_grace: Duration::from_secs_f64(args.interrupt_grace),
         max_output_chars: args.max_output_chars,
+        max_sessions: args.max_sessions,
+        tokens,
+        allowed_origins: args.allowed_origins,
+        max_concurrent_requests: args.max_concurrent_requests,
         inherited_path: std::env::var("PATH").unwrap_or_default(),
         kernel_start_timeout: Duration::from_secs(60),
     };

@@ -44,6 +44,12 @@ pub enum ServeError {
     },
     #[error("transport failed: {0}")]
     Transport(String),
+    #[error(
+        "refusing to listen on {0} without authentication: anyone who can reach that address \
+         could run code on this machine. Pass --auth-token TOKEN (or --tokens-file FILE), or \
+         bind a loopback address such as 127.0.0.1"
+    )]
+    Unauthenticated(String),
 }
 
 /// Runs the server until a signal (or, over stdio, the end of input).
@@ -75,6 +81,7 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             execution_timeout: config.execution_timeout,
             interrupt_grace: config.interrupt_grace,
             max_output_chars: config.max_output_chars,
+            max_sessions: config.max_sessions,
         },
     ));
     tracker.spawn(expiry::run(
@@ -121,7 +128,14 @@ async fn serve_http(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let addr = format!("{}:{}", config.host, config.port);
+    if config.tokens.is_empty() && !is_loopback(&config.host) {
+        return Err(ServeError::Unauthenticated(config.host.clone()));
+    }
+    let addr = if config.host.contains(':') && !config.host.starts_with('[') {
+        format!("[{}]:{}", config.host, config.port)
+    } else {
+        format!("{}:{}", config.host, config.port)
+    };
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -149,6 +163,7 @@ async fn serve_http(
     let http_config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(hosts)
         .with_max_request_body_bytes(MAX_REQUEST_BYTES)
+        .with_allowed_origins(allowed_origins(&config.allowed_origins))
         .with_cancellation_token(shutdown.child_token());
     let service: StreamableHttpService<Interpreter, LocalSessionManager> =
         StreamableHttpService::new(
@@ -156,7 +171,17 @@ async fn serve_http(
             Arc::new(LocalSessionManager::default()),
             http_config,
         );
-    let router = axum::Router::new().nest_service("/mcp", service);
+    let limit = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests));
+    let router = axum::Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(config.tokens.clone()),
+            crate::auth::require_bearer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            limit,
+            limit_concurrency,
+        ));
     // Tests and scripts read this line to find the port when started with --port 0.
     eprintln!("mcp-python-interpreter: listening on http://{local}/mcp");
     tracing::info!("serving MCP over streamable HTTP at http://{local}/mcp");
@@ -164,6 +189,42 @@ async fn serve_http(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))
+}
+
+/// Refuses requests beyond the concurrency limit at once (503), instead of
+/// queueing them without bound.
+async fn limit_concurrency(
+    axum::extract::State(limit): axum::extract::State<Arc<tokio::sync::Semaphore>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match limit.try_acquire_owned() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too many concurrent requests; retry shortly\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Loopback origins are always allowed; browsers elsewhere only when listed.
+fn allowed_origins(extra: &[String]) -> Vec<String> {
+    let mut origins: Vec<String> = ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    origins.extend(extra.iter().cloned());
+    origins
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 async fn watch_signals(shutdown: CancellationToken) {

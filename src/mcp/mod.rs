@@ -23,6 +23,7 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler,
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::auth::Principal;
 use crate::session::{CallControl, ExecutionReport, ProgressUpdate, Registry, SessionError};
 use crate::workspace::FileInfo;
 use types::*;
@@ -79,9 +80,9 @@ impl Interpreter {
         let raw_id = args.session_id.unwrap_or_default();
         let new_session = raw_id.is_empty() || raw_id == "0";
         let session = if new_session {
-            self.registry.create().await
+            self.registry.create(&principal(&ctx)).await
         } else {
-            self.registry.get(&raw_id).await
+            self.registry.get(&raw_id, &principal(&ctx)).await
         };
         let session = match session {
             Ok(s) => s,
@@ -115,9 +116,13 @@ impl Interpreter {
         input_schema = schema_for_input::<SessionArgs>().expect("object schema"),
         output_schema = schema_for_output::<ListFilesResult>()
     )]
-    async fn list_session_files(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+    async fn list_session_files(
+        &self,
+        args: JsonObject,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         let args: SessionArgs = parse(args)?;
-        match self.registry.get(&args.session_id).await {
+        match self.registry.get(&args.session_id, &principal(&ctx)).await {
             Ok(s) => {
                 let files = s
                     .files()
@@ -150,9 +155,17 @@ impl Interpreter {
         input_schema = schema_for_input::<SessionArgs>().expect("object schema"),
         output_schema = schema_for_output::<ClearSessionResult>()
     )]
-    async fn clear_session(&self, args: JsonObject) -> Result<CallToolResult, McpError> {
+    async fn clear_session(
+        &self,
+        args: JsonObject,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         let args: SessionArgs = parse(args)?;
-        match self.registry.remove(&args.session_id).await {
+        match self
+            .registry
+            .remove(&args.session_id, &principal(&ctx))
+            .await
+        {
             Ok(()) => Ok(render(
                 &ClearSessionResult {
                     success: true,
@@ -229,12 +242,22 @@ impl ServerHandler for Interpreter {
     async fn read_resource(
         &self,
         request: ReadResourceRequestParams,
-        _ctx: RequestContext<RoleServer>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
-        resources::read(&self.registry, &request.uri)
+        resources::read(&self.registry, &request.uri, &principal(&ctx))
             .await
             .map(Into::into)
     }
+}
+
+/// Who is calling: the principal the HTTP authentication put on the request,
+/// or the local user (stdio, or HTTP without tokens).
+fn principal(ctx: &RequestContext<RoleServer>) -> Principal {
+    ctx.extensions
+        .get::<axum::http::request::Parts>()
+        .and_then(|parts| parts.extensions.get::<Principal>())
+        .cloned()
+        .unwrap_or_else(Principal::local)
 }
 
 /// The call's cancellation and, when the client sent a progress token, a
@@ -309,6 +332,10 @@ fn model_error(e: &SessionError) -> String {
              and re-run your setup code (imports, data loading) before continuing."
         ),
         SessionError::Kernel(k) => format!("KernelStartError: {k}"),
+        SessionError::TooMany(n) => format!(
+            "SessionLimitError: the server already runs {n} sessions, its limit. Reuse an \
+             existing session, or end one you no longer need with clear_session."
+        ),
         SessionError::Io(io) => {
             tracing::error!("session I/O failure: {io}");
             "InternalError: the server could not prepare the session folder".to_string()

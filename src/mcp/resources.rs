@@ -5,6 +5,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use rmcp::ErrorData as McpError;
 use rmcp::model::{ReadResourceResult, ResourceContents, ResourceTemplate};
 
+use crate::auth::Principal;
 use crate::session::Registry;
 use crate::workspace::{self, PathError};
 
@@ -36,7 +37,11 @@ pub fn uri(session_id: &str, rel: &str) -> String {
     format!("{SCHEME}{session_id}/{}", path.join("/"))
 }
 
-pub async fn read(registry: &Registry, uri: &str) -> Result<ReadResourceResult, McpError> {
+pub async fn read(
+    registry: &Registry,
+    uri: &str,
+    caller: &Principal,
+) -> Result<ReadResourceResult, McpError> {
     let rest = uri.strip_prefix(SCHEME).ok_or_else(|| {
         McpError::invalid_params(
             format!("unsupported resource URI {uri:?}: expected kernel://{{session_id}}/{{path}}"),
@@ -49,7 +54,7 @@ pub async fn read(registry: &Registry, uri: &str) -> Result<ReadResourceResult, 
             None,
         )
     })?;
-    let session = registry.get(session_id).await.map_err(|e| {
+    let session = registry.get(session_id, caller).await.map_err(|e| {
         McpError::resource_not_found(
             format!("{e}; start a new session with execute_code and session_id \"\""),
             None,

@@ -33,6 +33,7 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
+    use crate::auth::Principal;
     use crate::kernel::{BoxFuture, Command, KernelError, KernelFactory, KernelHandle};
     use crate::session::{SessionError, SessionSettings};
 
@@ -70,6 +71,7 @@ mod tests {
                 execution_timeout: Duration::from_secs(300),
                 interrupt_grace: Duration::from_secs(5),
                 max_output_chars: 20_000,
+                max_sessions: 100,
             },
         ))
     }
@@ -82,14 +84,17 @@ mod tests {
         let cancel = CancellationToken::new();
         let sweeper = tokio::spawn(run(reg.clone(), Duration::from_secs(300), cancel.clone()));
 
-        let old = reg.create().await.unwrap();
+        let old = reg.create(&Principal::local()).await.unwrap();
         let folder = old.workspace.root().to_path_buf();
         assert!(folder.is_dir());
         tokio::time::sleep(Duration::from_secs(1000)).await;
-        let fresh = reg.create().await.unwrap();
+        let fresh = reg.create(&Principal::local()).await.unwrap();
         // Used again at 1500 s: its clock restarts.
         tokio::time::sleep(Duration::from_secs(500)).await;
-        reg.get(fresh.id.as_str()).await.unwrap().touch();
+        reg.get(fresh.id.as_str(), &Principal::local())
+            .await
+            .unwrap()
+            .touch();
 
         // At 1800 s + one sweep the old one is gone, the used one is not.
         tokio::time::sleep(Duration::from_secs(601)).await;
@@ -97,10 +102,14 @@ mod tests {
         assert!(!folder.exists());
         assert_eq!(live.load(Ordering::SeqCst), 1);
         assert!(matches!(
-            reg.get(old.id.as_str()).await,
+            reg.get(old.id.as_str(), &Principal::local()).await,
             Err(SessionError::NotFound(_))
         ));
-        assert!(reg.get(fresh.id.as_str()).await.is_ok());
+        assert!(
+            reg.get(fresh.id.as_str(), &Principal::local())
+                .await
+                .is_ok()
+        );
 
         cancel.cancel();
         sweeper.await.unwrap();
@@ -111,13 +120,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let live = Arc::new(AtomicUsize::new(0));
         let reg = registry(dir.path(), live.clone());
-        let s = reg.create().await.unwrap();
+        let s = reg.create(&Principal::local()).await.unwrap();
         tokio::time::sleep(Duration::from_secs(1800)).await;
         assert!(matches!(
-            reg.get(s.id.as_str()).await,
+            reg.get(s.id.as_str(), &Principal::local()).await,
             Err(SessionError::NotFound(_))
         ));
         assert_eq!(live.load(Ordering::SeqCst), 0);
         assert!(reg.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_are_private_to_their_owner_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = Arc::new(AtomicUsize::new(0));
+        let reg = registry(dir.path(), live.clone());
+        let alice = Principal(Arc::from("alice"));
+        let bob = Principal(Arc::from("bob"));
+        let s = reg.create(&alice).await.unwrap();
+        let id = s.id.as_str();
+        assert!(reg.get(id, &alice).await.is_ok());
+        // Bob sees exactly what an unknown id looks like, and cannot clear it.
+        let theirs = reg.get(id, &bob).await.err().unwrap().to_string();
+        let unknown = reg
+            .get("AAAAAAAAAAAAAAAAAAAAAA", &bob)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            theirs.replace(id, "X"),
+            unknown.replace("AAAAAAAAAAAAAAAAAAAAAA", "X")
+        );
+        assert!(reg.remove(id, &bob).await.is_err());
+        assert!(s.workspace.root().is_dir());
+        for _ in 1..100 {
+            reg.create(&bob).await.unwrap();
+        }
+        assert!(matches!(
+            reg.create(&bob).await,
+            Err(SessionError::TooMany(100))
+        ));
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::auth::Principal;
 use crate::kernel::{KernelError, KernelFactory, KernelHandle};
 use crate::workspace::{Snapshot, Workspace};
 
@@ -39,6 +40,8 @@ pub struct SessionSettings {
     pub interrupt_grace: Duration,
     /// Most characters (bytes) of output returned per call; the rest goes to a file.
     pub max_output_chars: usize,
+    /// Most live sessions at once.
+    pub max_sessions: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +53,16 @@ pub enum SessionError {
     Kernel(#[from] KernelError),
     #[error("session folder: {0}")]
     Io(#[from] std::io::Error),
+    /// `--max-sessions` sessions are live already.
+    #[error("the server already runs {0} sessions, its limit")]
+    TooMany(usize),
 }
 
 /// The live sessions.
 pub struct Registry {
     sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
+    /// Sessions whose kernel is starting (not yet in `sessions`).
+    starting: std::sync::atomic::AtomicUsize,
     factory: Arc<dyn KernelFactory>,
     settings: SessionSettings,
 }
@@ -62,6 +70,8 @@ pub struct Registry {
 /// One interpreter session: a kernel, a folder, a deadline.
 pub struct Session {
     pub id: SessionId,
+    /// Who created it; nobody else can see it.
+    owner: Principal,
     pub workspace: Workspace,
     /// Refreshed at the start and end of every call.
     last_used: Mutex<Instant>,
@@ -84,6 +94,7 @@ impl Registry {
     pub fn new(factory: Arc<dyn KernelFactory>, settings: SessionSettings) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
+            starting: std::sync::atomic::AtomicUsize::new(0),
             factory,
             settings,
         }
@@ -97,8 +108,20 @@ impl Registry {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a kernel in a new folder and registers the session.
-    pub async fn create(&self) -> Result<Arc<Session>, SessionError> {
+    /// Starts a kernel in a new folder and registers the session for `owner`.
+    pub async fn create(&self, owner: &Principal) -> Result<Arc<Session>, SessionError> {
+        // Count sessions being created too, so a burst cannot overshoot the limit.
+        let _slot = {
+            let live = self.map().len();
+            let starting = self
+                .starting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let guard = StartingGuard(&self.starting);
+            if live + starting >= self.settings.max_sessions {
+                return Err(SessionError::TooMany(self.settings.max_sessions));
+            }
+            guard
+        };
         let id = SessionId::generate();
         let workspace = Workspace::create(self.settings.data_dir.join(id.as_str())).await?;
         let kernel = match self.factory.start(workspace.root()).await {
@@ -111,6 +134,7 @@ impl Registry {
         let baseline = workspace.snapshot().await;
         let session = Arc::new(Session {
             id: id.clone(),
+            owner: owner.clone(),
             workspace,
             last_used: Mutex::new(Instant::now()),
             state: tokio::sync::Mutex::new(State {
@@ -125,12 +149,15 @@ impl Registry {
         Ok(session)
     }
 
-    /// Looks a client-supplied id up. Malformed, unknown and expired ids all
-    /// give the same [`SessionError::NotFound`].
-    pub async fn get(&self, raw: &str) -> Result<Arc<Session>, SessionError> {
+    /// Looks a client-supplied id up for `caller`. Malformed, unknown, expired
+    /// and other principals' ids all give the same [`SessionError::NotFound`].
+    pub async fn get(&self, raw: &str, caller: &Principal) -> Result<Arc<Session>, SessionError> {
         let not_found = || SessionError::NotFound(display_id(raw));
         let id = SessionId::parse(raw).ok_or_else(not_found)?;
         let session = self.map().get(&id).cloned().ok_or_else(not_found)?;
+        if session.owner != *caller {
+            return Err(not_found());
+        }
         if session.idle_for(Instant::now()) >= self.settings.idle_timeout && !session.is_busy() {
             self.close(&id).await;
             return Err(not_found());
@@ -139,8 +166,8 @@ impl Registry {
     }
 
     /// Removes a session: shuts its kernel down and deletes its folder.
-    pub async fn remove(&self, raw: &str) -> Result<(), SessionError> {
-        let session = self.get(raw).await?;
+    pub async fn remove(&self, raw: &str, caller: &Principal) -> Result<(), SessionError> {
+        let session = self.get(raw, caller).await?;
         self.close(&session.id).await;
         Ok(())
     }
@@ -215,6 +242,15 @@ impl Session {
 
     pub async fn files(&self) -> Vec<crate::workspace::FileInfo> {
         self.workspace.list().await
+    }
+}
+
+/// Releases a place among the sessions being created.
+struct StartingGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for StartingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -32,9 +32,28 @@ pub struct Server {
     /// The HTTP server process (stdio servers are owned by the client transport).
     pub http: Option<Child>,
     pub pid: u32,
+    /// The HTTP endpoint, for HTTP servers.
+    pub url: Option<String>,
 }
 
 pub async fn start(transport: Transport, extra: &[&str]) -> Server {
+    start_with_token(transport, extra, None).await
+}
+
+/// Connects a client to an HTTP server, with a bearer token if given.
+pub async fn connect_http(url: &str, token: Option<&str>) -> Result<Client, String> {
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_string());
+    if let Some(t) = token {
+        config = config.auth_header(t.to_string());
+    }
+    ().serve(StreamableHttpClientTransport::from_config(config))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Starts a server; over HTTP the client authenticates with `token`.
+pub async fn start_with_token(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
     let data_dir = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.path().display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -56,6 +75,7 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
                 data_dir,
                 http: None,
                 pid,
+                url: None,
             }
         }
         Transport::Http => {
@@ -87,15 +107,13 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
                     eprintln!("{line}");
                 }
             });
-            let client =
-                ().serve(StreamableHttpClientTransport::from_uri(url))
-                    .await
-                    .expect("connect over http");
+            let client = connect_http(&url, token).await.expect("connect over http");
             Server {
                 client,
                 data_dir,
                 http: Some(child),
                 pid,
+                url: Some(url),
             }
         }
     }

@@ -1,0 +1,1001 @@
+"""Latency, throughput and memory of the server, side by side with a floor.
+
+The floor is what the same work costs with no MCP in between: ipykernel
+kernels driven directly by jupyter_client (the one in the kernel environment),
+started with the same arguments as the server's kernels and reached over IPC
+like them. An execution there ends at the iopub `idle` status of the request,
+exactly where the server's ends.
+
+Two halves, two interpreters:
+
+    python-with-mcp          bench.py [--quick] [--json PATH] [--bin PATH]
+    kernel-env python        bench.py floor --json [--quick]   (run by the above)
+
+The first runs the floor as a subprocess under the kernel environment's Python
+(it needs jupyter_client), then drives the release binary over stdio and
+streamable HTTP with the official Python MCP SDK, prints a table with ratios
+(ours / floor) and targets, and writes every figure and sample to a JSON file.
+Use ./bench/bench, which builds, provisions and picks the right Python.
+Not a test: it always exits 0 unless the benchmark itself could not run.
+"""
+
+import argparse
+import asyncio
+import http.client
+import json
+import math
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+# ---------------------------------------------------------------------------
+# Sizes and limits
+
+# Iterations: full run and --quick (smoke).
+FULL = dict(
+    kernel_starts=5, graceful_shutdowns=2, new_sessions=10, warm_calls=300, noop_calls=100, nagle_calls=20,
+    plot_calls=20, par_sessions=8, par_calls=20,
+)  # fmt: skip
+QUICK = dict(
+    kernel_starts=2, graceful_shutdowns=1, new_sessions=3, warm_calls=40, noop_calls=20, nagle_calls=5,
+    plot_calls=5, par_sessions=8, par_calls=5,
+)  # fmt: skip
+WARMUP_CALLS = 20  # untimed calls before a warm-latency series
+CALL_TIMEOUT = 60.0  # one execute_code / one raw execution
+FLOOR_TIMEOUT = 180.0  # the whole floor subprocess
+PHASE_TIMEOUT = 180.0  # one server's whole scenario
+LISTEN_TIMEOUT = 60.0  # HTTP server printing its address
+SHUTDOWN_TIMEOUT = 15.0  # a server exiting after SIGTERM
+POOL_SIZE = 2
+
+KERNEL_ARGS = ["--HistoryManager.enabled=False", "--Application.log_level=WARN"]  # as src/kernel/local.rs
+TRIVIAL = "x = 1"
+PLOT_IMPORT = "import matplotlib.pyplot as plt"
+PLOT = "import matplotlib.pyplot as plt; plt.plot([1,2,3]); plt.savefig('p.png'); plt.show()"
+GETPID = "import os; os.getpid()"
+BACKEND = "import matplotlib; matplotlib.get_backend()"
+
+# Targets (see the table): ratios are ours / floor.
+T_WARM_STDIO_RATIO = 1.0
+T_HTTP_EXTRA_S = 0.001
+T_NEW_SESSION_RATIO = 0.15
+T_PLOT_S = 0.5
+T_PARALLEL_CPS = 280.0
+T_SERVER_RSS_KB = 30 * 1024
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(xs, q):
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    s = sorted(xs)
+    k = max(0, math.ceil(q / 100 * len(s)) - 1)
+    return s[k]
+
+
+def summary(xs):
+    if not xs:
+        return None
+    return {
+        "n": len(xs),
+        "p50": statistics.median(xs),
+        "p95": percentile(xs, 95),
+        "max": max(xs),
+        "min": min(xs),
+        "mean": statistics.fmean(xs),
+    }
+
+
+def rss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, TypeError):
+        pass
+    return None
+
+
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far (None if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, TypeError, IndexError, ValueError):
+        return None
+
+
+def cpu_sum(pids):
+    values = [cpu_s(p) for p in pids]
+    return None if any(v is None for v in values) else sum(values)
+
+
+def cpu_delta(before, after, calls):
+    """Microseconds of CPU per call between two readings."""
+    if before is None or after is None:
+        return None
+    return (after - before) / calls * 1e6
+
+
+def kernel_rss(pids):
+    values = [v for v in (rss_kb(p) for p in pids) if v is not None]
+    if not values:
+        return None
+    return {"n": len(values), "mean_kb": statistics.fmean(values), "max_kb": max(values), "sum_kb": sum(values)}
+
+
+def raise_on_sigterm():
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ---------------------------------------------------------------------------
+# The floor: raw jupyter_client, no MCP (runs under the kernel env's Python)
+
+
+class RawKernel:
+    """One ipykernel with a BlockingKernelClient, launched like the server's
+    kernels (same arguments, IPC sockets in a private folder, cwd its own)."""
+
+    def __init__(self, workdir):
+        from jupyter_client import KernelManager
+
+        self.dir = tempfile.mkdtemp(prefix="k-", dir=workdir)
+        self.km = KernelManager(kernel_name="python3", transport="ipc")
+        self.km.connection_file = os.path.join(self.dir, "kernel.json")
+        self.km.ip = os.path.join(self.dir, "ipc")
+        self.kc = None
+        self.km.start_kernel(extra_arguments=KERNEL_ARGS, cwd=self.dir)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=CALL_TIMEOUT)
+
+    def run(self, code):
+        """Execute; return (seconds to the request's iopub idle, outputs).
+        The shell reply is collected afterwards, outside the timed span."""
+        kc = self.kc
+        t0 = time.perf_counter()
+        msg_id = kc.execute(code, allow_stdin=False)
+        deadline = t0 + CALL_TIMEOUT
+        outputs = []
+        while True:
+            msg = kc.get_iopub_msg(timeout=max(0.0, deadline - time.perf_counter()))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "status" and msg["content"]["execution_state"] == "idle":
+                break
+            if kind in ("stream", "display_data", "execute_result", "error"):
+                outputs.append((kind, msg["content"]))
+        elapsed = time.perf_counter() - t0
+        while True:
+            reply = kc.get_shell_msg(timeout=CALL_TIMEOUT)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        if reply["content"].get("status") != "ok":
+            raise RuntimeError(f"raw kernel: {code!r} failed: {outputs}")
+        return elapsed, outputs
+
+    def value(self, code):
+        _, outputs = self.run(code)
+        for kind, content in outputs:
+            if kind == "execute_result":
+                return content["data"]["text/plain"]
+        raise RuntimeError(f"raw kernel: no result for {code!r}: {outputs}")
+
+    def close(self, graceful=False):
+        """Kill the kernel (graceful: shutdown_request, wait for it to exit)."""
+        try:
+            if self.kc is not None:
+                self.kc.stop_channels()
+        finally:
+            try:
+                self.km.shutdown_kernel(now=not graceful)
+            except Exception as e:  # noqa: BLE001 - best effort, keep cleaning up
+                print(f"floor: shutting a kernel down: {e!r}", file=sys.stderr)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def floor_warm(k, n):
+    for _ in range(WARMUP_CALLS):
+        k.run(TRIVIAL)
+    trivial = [k.run(TRIVIAL)[0] for _ in range(n)]
+    printed = []
+    for i in range(n):
+        t, outputs = k.run(f"print({i})")
+        if "".join(c["text"] for kind, c in outputs if kind == "stream") != f"{i}\n":
+            raise RuntimeError(f"raw kernel: print({i}) gave {outputs}")
+        printed.append(t)
+    return trivial, printed
+
+
+def floor_main(quick):
+    raise_on_sigterm()
+    os.environ.pop("MPLBACKEND", None)  # ipykernel then picks the inline backend, as in the server
+    n = QUICK if quick else FULL
+    workdir = tempfile.mkdtemp(prefix="bench-floor-")
+    kernels = []
+    out = {}
+    try:
+        # 1. Kernel start until ready (one untimed warm-up start first); the
+        # first timed ones also get a timed graceful shutdown, the floor of
+        # clear_session (jupyter_client's shutdown_kernel: request, wait, kill).
+        starts, shutdowns = [], []
+        for i in range(n["kernel_starts"] + 1):
+            t0 = time.perf_counter()
+            k = RawKernel(workdir)
+            t = time.perf_counter() - t0
+            k.run(TRIVIAL)
+            graceful = 1 <= i <= n["graceful_shutdowns"]
+            t0 = time.perf_counter()
+            k.close(graceful)
+            if graceful:
+                shutdowns.append(time.perf_counter() - t0)
+            if i:
+                starts.append(t)
+        out["kernel_start_s"], out["graceful_shutdown_s"] = starts, shutdowns
+
+        # 2. Warm latency, 3. plot, kernel RSS with one kernel.
+        k = RawKernel(workdir)
+        kernels.append(k)
+        pid = int(k.value(GETPID))
+        trivial, printed = floor_warm(k, n["warm_calls"])
+        out["warm_trivial_s"], out["warm_print_s"] = trivial, printed
+        out["kernel_rss_1"] = kernel_rss([pid])
+        k.run(PLOT_IMPORT)
+        out["matplotlib_backend"] = k.value(BACKEND).strip("'")
+        plots = []
+        for _ in range(n["plot_calls"]):
+            t, outputs = k.run(PLOT)
+            if not any(kind == "display_data" and "image/png" in c["data"] for kind, c in outputs):
+                raise RuntimeError(f"raw kernel: the plot showed no PNG: {outputs}")
+            plots.append(t)
+        out["plot_s"] = plots
+        kernels.remove(k)
+        k.close()
+
+        # 4. N fresh kernels (like the server's new sessions), one thread each
+        # driving its own client.
+        while len(kernels) < n["par_sessions"]:
+            kernels.append(RawKernel(workdir))
+        pids = [int(k.value(GETPID)) for k in kernels]
+        for k in kernels:
+            k.run(TRIVIAL)
+        errors = []
+
+        def worker(k):
+            try:
+                for _ in range(n["par_calls"]):
+                    k.run(TRIVIAL)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in kernels]
+        k_cpu, c_cpu = cpu_sum(pids), time.process_time()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(PHASE_TIMEOUT)
+        elapsed = time.perf_counter() - t0
+        if errors or any(t.is_alive() for t in threads):
+            raise RuntimeError(f"raw parallel run failed: {errors}")
+        calls = n["par_sessions"] * n["par_calls"]
+        out["parallel"] = {
+            "sessions": n["par_sessions"], "calls": calls, "seconds": elapsed, "calls_per_s": calls / elapsed,
+            "kernels_cpu_us_per_call": cpu_delta(k_cpu, cpu_sum(pids), calls),
+            "client_cpu_us_per_call": cpu_delta(c_cpu, time.process_time(), calls),
+        }  # fmt: skip
+        out["kernel_rss_n"] = kernel_rss(pids)
+    finally:
+        for k in kernels:
+            k.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    import jupyter_client
+    import ipykernel
+
+    out["versions"] = {"python": sys.version.split()[0], "jupyter_client": jupyter_client.__version__, "ipykernel": ipykernel.__version__}
+    return out
+
+
+def run_floor(kernel_python, quick):
+    """Run the floor half under the kernel environment's Python; bounded, and
+    SIGTERM first so that it shuts its kernels down."""
+    cmd = [kernel_python, os.path.abspath(__file__), "floor", "--json"] + (["--quick"] if quick else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=FLOOR_TIMEOUT)
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=SHUTDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"floor run failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+    return json.loads(stdout)
+
+
+# ---------------------------------------------------------------------------
+# Ours: the server through the official MCP SDK (runs under E2E_PYTHON)
+
+LISTEN_RE = re.compile(r"listening on (http://127\.0\.0\.1:(\d+)/mcp)")
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+SERVER_VARS = (
+    "MCP_TRANSPORT", "MCP_HOST", "MCP_PORT", "MCP_DATA_DIR", "MCP_PYTHON", "MCP_SESSION_TIMEOUT",
+    "MCP_CLEANUP_INTERVAL", "MCP_EXECUTION_TIMEOUT", "MCP_MAX_SESSIONS", "MCP_AUTH_TOKEN", "MCP_TOKENS_FILE",
+    "LOG_LEVEL", "MPLBACKEND",
+)  # fmt: skip
+
+
+def server_env():
+    return {k: v for k, v in os.environ.items() if k not in SERVER_VARS and not k.startswith("MCP_POOL")}
+
+
+def die_with_parent():
+    """In the child before exec: SIGTERM it when the bench dies (even by SIGKILL),
+    so that no server outlives a killed run (stdio servers see stdin close)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class HttpServer:
+    """The server on streamable HTTP, stderr drained by a thread."""
+
+    def __init__(self, binary, data_dir, extra):
+        self.proc = subprocess.Popen(
+            [binary, "--transport", "http", "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir, *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=server_env(),
+            preexec_fn=die_with_parent,
+        )
+        self.lines = []
+        self.url = None
+        self._found = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._found.wait(LISTEN_TIMEOUT) or self.url is None:
+            self.stop()
+            raise RuntimeError(f"HTTP server did not print its address; stderr:\n{self.tail()}")
+
+    def _drain(self):
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            m = LISTEN_RE.search(ANSI_RE.sub("", line))
+            if m and self.url is None:
+                self.url = m.group(1)
+                self._found.set()
+        self._found.set()
+
+    def tail(self, n=30):
+        return "".join(self.lines[-n:])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
+
+
+def find_server_pid(binary, data_dir):
+    """The stdio server the SDK spawned: pgrep on the unique data dir, keeping
+    only the process that is our binary (kernels may mention the folder too)."""
+    out = subprocess.run(["pgrep", "-f", "--", data_dir], capture_output=True, text=True).stdout
+    for pid in (int(p) for p in out.split()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if os.path.basename(argv0) == os.path.basename(binary):
+            return pid
+    return None
+
+
+def output_text(s):
+    """`output` is a list of text pieces (older servers: one string)."""
+    out = s.get("output")
+    return "".join(out) if isinstance(out, list) else out
+
+
+def leaf_exception(e):
+    """The SDK's task groups wrap an error in single-member exception groups."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
+class Ours:
+    """One connected client plus helpers that time calls."""
+
+    def __init__(self, client):
+        self.c = client
+
+    async def call(self, code, sid):
+        t0 = time.perf_counter()
+        r = await self.c.call_tool("execute_code", {"code": code, "session_id": sid}, read_timeout_seconds=CALL_TIMEOUT)
+        t = time.perf_counter() - t0
+        s = r.structured_content
+        if not isinstance(s, dict) or not s.get("success"):
+            raise RuntimeError(f"execute_code {code!r} failed: {s if s is not None else r}")
+        return t, s
+
+    async def new(self, code=TRIVIAL):
+        _, s = await self.call(code, "")
+        return s["session_id"]
+
+    async def clear(self, sid):
+        await self.c.call_tool("clear_session", {"session_id": sid}, read_timeout_seconds=CALL_TIMEOUT)
+
+    async def pid(self, sid):
+        _, s = await self.call(GETPID, sid)
+        return int(s["result"])
+
+    async def new_sessions(self, n, pause=0.0):
+        """Seconds of each new session's first call, and of each clear_session."""
+        out, clears = [], []
+        for i in range(n + 1):  # the first one is an untimed warm-up
+            if pause:
+                await asyncio.sleep(pause)
+            t, s = await self.call(TRIVIAL, "")
+            t0 = time.perf_counter()
+            await self.clear(s["session_id"])
+            if i:
+                out.append(t)
+                clears.append(time.perf_counter() - t0)
+        return out, clears
+
+    async def warm(self, sid, n):
+        for _ in range(WARMUP_CALLS):
+            await self.call(TRIVIAL, sid)
+        trivial = [(await self.call(TRIVIAL, sid))[0] for _ in range(n)]
+        printed = []
+        for i in range(n):
+            t, s = await self.call(f"print({i})", sid)
+            if output_text(s) != f"{i}\n":
+                raise RuntimeError(f"print({i}) gave {s.get('output')!r}")
+            printed.append(t)
+        return trivial, printed
+
+    async def noop(self, sid, n):
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await self.c.call_tool("list_session_files", {"session_id": sid}, read_timeout_seconds=CALL_TIMEOUT)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    async def plot(self, sid, n):
+        await self.call(PLOT_IMPORT, sid)
+        _, s = await self.call(BACKEND, sid)
+        backend = (s.get("result") or "").strip("'")
+        out = []
+        for _ in range(n):
+            t, s = await self.call(PLOT, sid)
+            if not any(f.get("mime_type") == "image/png" for f in s.get("files") or []):
+                raise RuntimeError(f"the plot listed no PNG: {s}")
+            out.append(t)
+        return out, backend
+
+    async def parallel(self, n_sessions, n_calls, server_pid):
+        sids = await asyncio.gather(*(self.new() for _ in range(n_sessions)))
+        pids = await asyncio.gather(*(self.pid(s) for s in sids))
+
+        async def worker(sid):
+            for _ in range(n_calls):
+                await self.call(TRIVIAL, sid)
+
+        s_cpu, k_cpu, c_cpu = cpu_s(server_pid), cpu_sum(pids), time.process_time()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(s) for s in sids))
+        elapsed = time.perf_counter() - t0
+        calls = n_sessions * n_calls
+        return sids, pids, {
+            "sessions": n_sessions, "calls": calls, "seconds": elapsed, "calls_per_s": calls / elapsed,
+            "server_cpu_us_per_call": cpu_delta(s_cpu, cpu_s(server_pid), calls),
+            "kernels_cpu_us_per_call": cpu_delta(k_cpu, cpu_sum(pids), calls),
+            "client_cpu_us_per_call": cpu_delta(c_cpu, time.process_time(), calls),
+        }  # fmt: skip
+
+
+async def scenario(ours, n, server_pid, do_new_sessions, do_plot):
+    """Everything measured on one server; returns a dict of results."""
+    res = {}
+    if do_new_sessions:
+        log("  new sessions")
+        res["new_session_s"], res["clear_session_s"] = await ours.new_sessions(n["new_sessions"])
+    sid = await ours.new()
+    kpid = await ours.pid(sid)
+    log("  warm calls")
+    s_cpu, c_cpu = cpu_s(server_pid), time.process_time()
+    res["warm_trivial_s"], res["warm_print_s"] = await ours.warm(sid, n["warm_calls"])
+    calls = WARMUP_CALLS + 2 * n["warm_calls"]
+    res["warm_server_cpu_us_per_call"] = cpu_delta(s_cpu, cpu_s(server_pid), calls)
+    res["warm_client_cpu_us_per_call"] = cpu_delta(c_cpu, time.process_time(), calls)
+    res["noop_s"] = await ours.noop(sid, n["noop_calls"])
+    res["server_rss_kb_1"] = rss_kb(server_pid)
+    res["kernel_rss_1"] = kernel_rss([kpid])
+    if do_plot:
+        log("  plots")
+        res["plot_s"], res["matplotlib_backend"] = await ours.plot(sid, n["plot_calls"])
+    await ours.clear(sid)
+    log(f"  {n['par_sessions']} sessions x {n['par_calls']} calls in parallel")
+    sids, pids, res["parallel"] = await ours.parallel(n["par_sessions"], n["par_calls"], server_pid)
+    res["server_rss_kb_n"] = rss_kb(server_pid)
+    res["kernel_rss_n"] = kernel_rss(pids)
+    await asyncio.gather(*(ours.clear(s) for s in sids))
+    return res
+
+
+class ThinClient:
+    """A minimal MCP client (hand-written JSON-RPC, no SDK) to tell the
+    server's own cost from the Python SDK's: subclasses move the bytes."""
+
+    PROTOCOL = "2025-06-18"
+
+    def __init__(self):
+        self.next_id = 0
+        self.request("initialize", {"protocolVersion": self.PROTOCOL, "capabilities": {},
+                                    "clientInfo": {"name": "bench-thin", "version": "0"}})  # fmt: skip
+        self.notify("notifications/initialized")
+
+    def request(self, method, params):
+        self.next_id += 1
+        msg = self.exchange({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params}, self.next_id)
+        if "error" in msg:
+            raise RuntimeError(f"{method}: {msg['error']}")
+        return msg["result"]
+
+    def notify(self, method):
+        self.exchange({"jsonrpc": "2.0", "method": method}, None)
+
+    def execute(self, code, sid):
+        t0 = time.perf_counter()
+        r = self.request("tools/call", {"name": "execute_code", "arguments": {"code": code, "session_id": sid}})
+        t = time.perf_counter() - t0
+        s = r.get("structuredContent") or {}
+        if not s.get("success"):
+            raise RuntimeError(f"thin client: execute_code {code!r} failed: {r}")
+        return t, s
+
+    def warm(self, n):
+        _, s = self.execute(TRIVIAL, "")
+        sid = s["session_id"]
+        for _ in range(WARMUP_CALLS):
+            self.execute(TRIVIAL, sid)
+        out = [self.execute(TRIVIAL, sid)[0] for _ in range(n)]
+        self.request("tools/call", {"name": "clear_session", "arguments": {"session_id": sid}})
+        return out
+
+
+class ThinStdio(ThinClient):
+    def __init__(self, binary, data_dir, errlog):
+        self.proc = subprocess.Popen(
+            [binary, "--transport", "stdio", "--data-dir", data_dir],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog, env=server_env(),
+        )  # fmt: skip
+        self.buf = b""
+        super().__init__()
+
+    def exchange(self, obj, want_id):
+        self.proc.stdin.write(json.dumps(obj).encode() + b"\n")
+        self.proc.stdin.flush()
+        if want_id is None:
+            return None
+        deadline = time.monotonic() + CALL_TIMEOUT
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                if line.strip():
+                    msg = json.loads(line)
+                    if msg.get("id") == want_id:
+                        return msg
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError("thin stdio client: no answer")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise RuntimeError("thin stdio client: the server closed stdout")
+            self.buf += chunk
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
+
+
+class NoDelayConnection(http.client.HTTPConnection):
+    """http.client sends headers and body in two writes: without TCP_NODELAY,
+    Nagle plus the server's delayed ACK would add 40 ms to every request."""
+
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class ThinHttp(ThinClient):
+    """One keep-alive connection; SSE answers are read whole (the server ends
+    the stream after the response)."""
+
+    def __init__(self, url, quickack):
+        u = urllib.parse.urlsplit(url)
+        self.conn = NoDelayConnection(u.hostname, u.port, timeout=CALL_TIMEOUT)
+        self.path = u.path
+        self.quickack = quickack
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        super().__init__()
+
+    def exchange(self, obj, want_id):
+        self.conn.request("POST", self.path, json.dumps(obj).encode(), self.headers)
+        if self.quickack:
+            # ACK the response headers at once, so that a server with Nagle's
+            # algorithm on does not hold the body until our delayed ACK (40 ms).
+            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        resp = self.conn.getresponse()
+        body = resp.read()
+        if resp.status >= 300:
+            raise RuntimeError(f"thin HTTP client: {resp.status} {body[:200]!r}")
+        if sid := resp.getheader("mcp-session-id"):
+            self.headers["Mcp-Session-Id"] = sid
+            self.headers["MCP-Protocol-Version"] = self.PROTOCOL
+        if want_id is None:
+            return None
+        if resp.getheader("content-type", "").startswith("text/event-stream"):
+            payloads = [ln[5:].strip() for ln in body.splitlines() if ln.startswith(b"data:")]
+        else:
+            payloads = [body]
+        for p in payloads:
+            if p:
+                msg = json.loads(p)
+                if msg.get("id") == want_id:
+                    return msg
+        raise RuntimeError(f"thin HTTP client: no response with id {want_id}: {body[:300]!r}")
+
+    def close(self):
+        try:
+            self.conn.request("DELETE", self.path, headers=self.headers)
+            self.conn.getresponse().read()
+        except (OSError, http.client.HTTPException):
+            pass
+        self.conn.close()
+
+
+def thin_stdio_warm(binary, n):
+    data_dir = tempfile.mkdtemp(prefix="bench-thin-")
+    with tempfile.TemporaryFile("w+") as errlog:
+        client = None
+        try:
+            client = ThinStdio(binary, data_dir, errlog)
+            return client.warm(n)
+        except BaseException:
+            errlog.seek(0)
+            log("thin stdio server stderr (tail):\n" + "".join(errlog.readlines()[-30:]))
+            raise
+        finally:
+            if client is not None:
+                client.close()
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def thin_http_warm(url, n, quickack=True):
+    client = ThinHttp(url, quickack)
+    try:
+        return client.warm(n)
+    finally:
+        client.close()
+
+
+def make_client(target):
+    from mcp import Client
+
+    return Client(target, read_timeout_seconds=CALL_TIMEOUT, cache=None)
+
+
+async def run_stdio(binary, n, extra=(), new_sessions_only=False, pause=0.0):
+    from mcp import StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    data_dir = tempfile.mkdtemp(prefix="bench-stdio-")
+    errlog = tempfile.TemporaryFile("w+")
+    params = StdioServerParameters(
+        command=binary, args=["--transport", "stdio", "--data-dir", data_dir, *extra], env=server_env()
+    )
+    try:
+        async with make_client(stdio_client(params, errlog=errlog)) as client:
+            ours = Ours(client)
+            if new_sessions_only:
+                new, clears = await ours.new_sessions(n["new_sessions"], pause=pause)
+                return {"new_session_s": new, "clear_session_s": clears}
+            pid = find_server_pid(binary, data_dir)
+            if pid is None:
+                log("  warning: stdio server pid not found; no server RSS")
+            return await scenario(ours, n, pid, do_new_sessions=True, do_plot=True)
+    except BaseException:
+        errlog.seek(0)
+        log("stdio server stderr (tail):\n" + "".join(errlog.readlines()[-30:]))
+        raise
+    finally:
+        errlog.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def run_http(binary, n):
+    data_dir = tempfile.mkdtemp(prefix="bench-http-")
+    server = HttpServer(binary, data_dir, [])
+    try:
+        log("  warm calls, thin client")
+        thin = await asyncio.to_thread(thin_http_warm, server.url, n["warm_calls"])
+        thin_plain = await asyncio.to_thread(thin_http_warm, server.url, n["nagle_calls"], False)
+        async with make_client(server.url) as client:
+            res = await scenario(Ours(client), n, server.proc.pid, do_new_sessions=False, do_plot=False)
+        res["thin_warm_trivial_s"] = thin
+        res["thin_noquickack_warm_trivial_s"] = thin_plain
+        return res
+    except BaseException:
+        log("HTTP server stderr (tail):\n" + server.tail())
+        raise
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def run_ours(binary, n, pool, pause):
+    cur = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, cur.cancel)
+    ours = {}
+    log("stdio server")
+    ours["stdio"] = await asyncio.wait_for(run_stdio(binary, n), PHASE_TIMEOUT)
+    log("stdio server, thin client: warm calls")
+    ours["stdio"]["thin_warm_trivial_s"] = await asyncio.to_thread(thin_stdio_warm, binary, n["warm_calls"])
+    log("HTTP server")
+    ours["http"] = await asyncio.wait_for(run_http(binary, n), PHASE_TIMEOUT)
+    if pool:
+        log(f"stdio server with --pool-size {POOL_SIZE}: new sessions, {pause:.1f} s apart")
+        ours["stdio_pool"] = await asyncio.wait_for(
+            run_stdio(binary, n, ["--pool-size", str(POOL_SIZE)], new_sessions_only=True, pause=pause), PHASE_TIMEOUT
+        )
+    return ours
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def build_rows(floor, ours, pool_pause):
+    rows = []
+
+    def row(metric, transport, unit, mine, base=None, target=None, ok=None, note=None):
+        ratio = mine / base if mine is not None and base else None
+        rows.append(
+            {"metric": metric, "transport": transport, "unit": unit, "ours": mine, "floor": base,
+             "ratio": ratio, "target": target, "pass": ok, "note": note}
+        )  # fmt: skip
+
+    fs = summary(floor["kernel_start_s"])
+    for key, label, extra in (("stdio", "new session", None), ("stdio_pool", f"new session, pool {POOL_SIZE}", pool_pause)):
+        if key not in ours:
+            continue
+        s = summary(ours[key]["new_session_s"])
+        note = f"{extra:.1f} s pause before each (pool refill)" if extra else None
+        row(f"{label} p50", "stdio", "s", s["p50"], fs["p50"], f"<= {T_NEW_SESSION_RATIO}x floor",
+            s["p50"] <= T_NEW_SESSION_RATIO * fs["p50"], note)  # fmt: skip
+        row(f"{label} max", "stdio", "s", s["max"], fs["max"])
+
+    fw = {"x = 1": summary(floor["warm_trivial_s"]), "print(i)": summary(floor["warm_print_s"])}
+    for transport in ("stdio", "http"):
+        mw = {"x = 1": summary(ours[transport]["warm_trivial_s"]), "print(i)": summary(ours[transport]["warm_print_s"])}
+        for code in ("x = 1", "print(i)"):
+            m, f = mw[code], fw[code]
+            if transport == "stdio":
+                target, ok = f"<= {T_WARM_STDIO_RATIO}x floor", m["p50"] <= T_WARM_STDIO_RATIO * f["p50"]
+            else:
+                target, ok = f"<= floor + {T_HTTP_EXTRA_S * 1000:.0f} ms", m["p50"] <= f["p50"] + T_HTTP_EXTRA_S
+            row(f"warm `{code}` p50", transport, "s", m["p50"], f["p50"], target, ok)
+            row(f"warm `{code}` p95", transport, "s", m["p95"], f["p95"])
+    for transport in ("stdio", "http"):
+        m, f = summary(ours[transport]["thin_warm_trivial_s"]), fw["x = 1"]
+        note = "informational: hand-written JSON-RPC client instead of the SDK (the server's own cost); HTTP: keep-alive, TCP_NODELAY + TCP_QUICKACK"
+        row("warm `x = 1` p50, thin client", transport, "s", m["p50"], f["p50"], note=note)
+        row("warm `x = 1` p95, thin client", transport, "s", m["p95"], f["p95"])
+    m = summary(ours["http"]["thin_noquickack_warm_trivial_s"])
+    row("warm `x = 1` p50, thin client, no TCP_QUICKACK", "http", "s", m["p50"], fw["x = 1"]["p50"],
+        note="informational: the same thin client leaving ACKs to the kernel's delayed-ACK timer; "
+             "about +40 ms means the server writes with Nagle's algorithm on (no TCP_NODELAY)")  # fmt: skip
+    for transport in ("stdio", "http"):
+        s = summary(ours[transport]["noop_s"])
+        row("list_session_files p50 (SDK, no kernel)", transport, "s", s["p50"],
+            note="informational: the SDK client + MCP round trip alone")  # fmt: skip
+    s = summary(ours["stdio"]["clear_session_s"])
+    row("clear_session p50", "stdio", "s", s["p50"], summary(floor["graceful_shutdown_s"])["p50"],
+        note="informational: floor = jupyter_client shutdown_kernel() (shutdown_request, wait for exit)")  # fmt: skip
+
+    mp, fp = summary(ours["stdio"]["plot_s"]), summary(floor["plot_s"])
+    row("matplotlib plot p50", "stdio", "s", mp["p50"], fp["p50"], f"<= {T_PLOT_S} s", mp["p50"] <= T_PLOT_S)
+
+    fpar = floor["parallel"]
+    for transport in ("stdio", "http"):
+        p = ours[transport]["parallel"]
+        row(f"parallel {p['sessions']} x {p['calls'] // p['sessions']} calls", transport, "calls/s", p["calls_per_s"],
+            fpar["calls_per_s"], f">= {T_PARALLEL_CPS:.0f}/s", p["calls_per_s"] >= T_PARALLEL_CPS,
+            "floor: one thread per raw client")  # fmt: skip
+
+    for transport in ("stdio", "http"):
+        o, p = ours[transport], ours[transport]["parallel"]
+        note = f"informational: CPU time per call ({os.cpu_count()} CPUs are shared by client, server and kernels)"
+        row("warm calls: server CPU/call", transport, "us", o["warm_server_cpu_us_per_call"], note=note)
+        row("warm calls: SDK client CPU/call", transport, "us", o["warm_client_cpu_us_per_call"], note=note)
+        row("parallel: server CPU/call", transport, "us", p["server_cpu_us_per_call"], note=note)
+        row("parallel: client CPU/call", transport, "us", p["client_cpu_us_per_call"], fpar["client_cpu_us_per_call"],
+            note="informational: floor = the raw jupyter_client threads")  # fmt: skip
+        row("parallel: kernels CPU/call", transport, "us", p["kernels_cpu_us_per_call"], fpar["kernels_cpu_us_per_call"],
+            note=note)  # fmt: skip
+    for transport in ("stdio", "http"):
+        o = ours[transport]
+        row("server RSS, 1 session", transport, "kB", o["server_rss_kb_1"])
+        v = o["server_rss_kb_n"]
+        row(f"server RSS, {o['parallel']['sessions']} sessions", transport, "kB", v, None,
+            f"<= {T_SERVER_RSS_KB // 1024} MB", v is not None and v <= T_SERVER_RSS_KB)  # fmt: skip
+    o = ours["stdio"]
+    k1, kn = o["kernel_rss_1"], o["kernel_rss_n"]
+    row("kernel RSS, 1 session", "stdio", "kB", k1 and k1["mean_kb"], floor["kernel_rss_1"]["mean_kb"])
+    row(f"kernel RSS, {kn['n'] if kn else '?'} sessions, mean", "stdio", "kB", kn and kn["mean_kb"],
+        floor["kernel_rss_n"]["mean_kb"])  # fmt: skip
+    row(f"kernel RSS, {kn['n'] if kn else '?'} sessions, max", "stdio", "kB", kn and kn["max_kb"],
+        floor["kernel_rss_n"]["max_kb"])  # fmt: skip
+    return rows
+
+
+def fmt_value(v, unit):
+    if v is None:
+        return "-"
+    if unit == "s":
+        return f"{v * 1000:.2f} ms" if v < 10 else f"{v:.2f} s"
+    if unit == "kB":
+        return f"{v / 1024:.1f} MB"
+    if unit == "us":
+        return f"{v:.0f} us"
+    return f"{v:.0f}/s"
+
+
+def print_table(rows, meta):
+    head = ["metric", "transport", "ours", "floor", "ours/floor", "target", "pass"]
+    body = []
+    for r in rows:
+        body.append([
+            r["metric"], r["transport"], fmt_value(r["ours"], r["unit"]), fmt_value(r["floor"], r["unit"]),
+            f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-", r["target"] or "",
+            "" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL"),
+        ])  # fmt: skip
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    right = {2, 3, 4}
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    print(line(head))
+    print(line(["-" * w for w in widths]))
+    for cells in body:
+        print(line(cells))
+    print()
+    print(
+        "floor: raw jupyter_client {jupyter_client} + ipykernel {ipykernel} (Python {python}), IPC, same kernel "
+        "arguments; execution timed to the request's iopub idle.".format(**meta["floor_versions"])
+    )
+    print(f"ours: official MCP SDK {meta['mcp_version']} client -> {meta['bin']}; {meta['cpus']} CPUs"
+          + ("; --quick" if meta["quick"] else ""))  # fmt: skip
+    seen = set()
+    for r in rows:
+        if r["note"] and r["note"] not in seen:
+            seen.add(r["note"])
+            print(f"note: {r['metric']}: {r['note']}")
+    if not meta["pool_size_flag"]:
+        print(f"note: the binary has no --pool-size flag; the pool row ({POOL_SIZE}) was skipped")
+    print("ratio is ours / floor: below 1 is better for times and memory, above 1 for calls/s")
+    failed = [r for r in rows if r["pass"] is False]
+    print(f"targets: {sum(1 for r in rows if r['pass'])} pass, {len(failed)} fail")
+
+
+def kernel_python_of(binary):
+    p = subprocess.run([binary, "--provision-only"], capture_output=True, text=True, timeout=900, env=server_env())
+    m = re.search(r"kernel environment: (\S+)", ANSI_RE.sub("", p.stderr))
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"{binary} --provision-only did not name the kernel environment:\n{p.stderr[-2000:]}")
+    return m.group(1)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "floor":
+        ap = argparse.ArgumentParser(prog="bench.py floor")
+        ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+        ap.add_argument("--quick", action="store_true")
+        a = ap.parse_args(sys.argv[2:])
+        result = floor_main(a.quick)
+        print(json.dumps(result) if a.json else json.dumps(result, indent=1))
+        return
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few iterations (a smoke run)")
+    ap.add_argument("--json", default="target/bench.json", help="where to write the results (default %(default)s)")
+    ap.add_argument("--bin", default="target/release/mcp-python-interpreter", help="server binary (default %(default)s)")
+    a = ap.parse_args()
+    binary = os.path.abspath(a.bin)
+    if not os.access(binary, os.X_OK):
+        sys.exit(f"no server binary at {binary} (build with cargo build --release)")
+    n = QUICK if a.quick else FULL
+    import mcp  # noqa: F401 - fail early under the wrong Python
+
+    started = time.time()
+    raise_on_sigterm()
+    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30).stdout
+    pool = "--pool-size" in help_text
+    kernel_python = kernel_python_of(binary)
+
+    log(f"floor: raw jupyter_client under {kernel_python}")
+    floor = run_floor(kernel_python, a.quick)
+    # With a pool, wait after each clear_session for the pool to refill.
+    pause = max(1.0, 1.5 * statistics.median(floor["kernel_start_s"]))
+    try:
+        ours = asyncio.run(run_ours(binary, n, pool, pause))
+    except BaseExceptionGroup as group:
+        leaf = leaf_exception(group)
+        if leaf is group:
+            raise
+        raise leaf from None
+
+    from importlib.metadata import version
+
+    meta = {
+        "bin": binary,
+        "kernel_python": kernel_python,
+        "quick": a.quick,
+        "sizes": n,
+        "pool_size_flag": pool,
+        "preload_flag": "--preload" in help_text,
+        "cpus": os.cpu_count(),
+        "mcp_version": version("mcp"),
+        "floor_versions": floor["versions"],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": None,
+    }
+    rows = build_rows(floor, ours, pause if pool else None)
+    meta["seconds"] = round(time.time() - started, 1)
+    print()
+    print_table(rows, meta)
+    print(f"run took {meta['seconds']} s; samples and figures in {a.json}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "floor": floor, "ours": ours}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+//! Attacks on the HTTP surface and on other principals' sessions, against
+//! the real binary with a temporary data directory.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Transport, connect_http, start_with_token};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ALICE: &str = "alice-token-0123456789abcdef";
+const BOB: &str = "bob-token-0123456789abcdef0";
+
+fn tokens_file(dir: &std::path::Path) -> String {
+    let path = dir.join("tokens");
+    std::fs::write(&path, format!("# principals\nalice {ALICE}\nbob:{BOB}\n")).unwrap();
+    path.display().to_string()
+}
+
+/// Sends a raw HTTP request and returns the status code.
+async fn raw_status(url: &str, headers: &[(&str, &str)]) -> u16 {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let mut req = format!(
+        "POST /{path} HTTP/1.1\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {authority}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    head.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_tokens_and_ownership() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tokens_file(dir.path());
+    let s = start_with_token(Transport::Http, &["--tokens-file", &file], Some(ALICE)).await;
+    let url = s.url.clone().unwrap();
+
+    // No token, a wrong token: refused before any MCP processing.
+    assert_eq!(raw_status(&url, &[]).await, 401);
+    assert_eq!(
+        raw_status(&url, &[("Authorization", "Bearer wrong-token-0123456789")]).await,
+        401
+    );
+    assert!(connect_http(&url, None).await.is_err());
+    assert!(
+        connect_http(&url, Some("nope-nope-nope-nope-nope"))
+            .await
+            .is_err()
+    );
+
+    // Alice's session and file.
+    let (id, _) = s
+        .new_session("open('secret.txt','w').write('alice only')")
+        .await;
+    let uri = format!("kernel://{id}/secret.txt");
+    assert!(s.read(&uri).await.is_ok());
+
+    // Bob gets exactly what an unknown id gets, for every tool and the resource.
+    let bob = connect_http(&url, Some(BOB)).await.unwrap();
+    let theirs = common::call(&bob, "execute_code", json!({"code": "1", "session_id": id})).await;
+    let unknown = common::call(
+        &bob,
+        "execute_code",
+        json!({"code": "1", "session_id": "AAAAAAAAAAAAAAAAAAAAAA"}),
+    )
+    .await;
+    let e1 = theirs.structured_content.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .replace(&id, "X");
+    let e2 = unknown.structured_content.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .replace("AAAAAAAAAAAAAAAAAAAAAA", "X");
+    assert!(e1.starts_with("SessionExpiredError:"));
+    assert_eq!(e1, e2);
+    let l = common::call(&bob, "list_session_files", json!({"session_id": id})).await;
+    assert!(
+        l.structured_content.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("SessionExpiredError:")
+    );
+    let c = common::call(&bob, "clear_session", json!({"session_id": id})).await;
+    assert_eq!(c.structured_content.unwrap()["success"], false);
+    assert!(
+        bob.read_resource(rmcp::model::ReadResourceRequestParams::new(uri.clone()))
+            .await
+            .is_err()
+    );
+    // Alice's work is untouched.
+    assert_eq!(
+        s.exec(&id, "open('secret.txt').read()").await["result"],
+        "'alice only'"
+    );
+    let _ = bob.cancel().await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_origins_are_refused() {
+    let s = common::start(Transport::Http, &[]).await;
+    let url = s.url.clone().unwrap();
+    assert_eq!(
+        raw_status(&url, &[("Origin", "http://evil.example")]).await,
+        403
+    );
+    assert_eq!(raw_status(&url, &[("Host", "evil.example")]).await, 403);
+    assert_ne!(
+        raw_status(&url, &[("Origin", "http://localhost:3000")]).await,
+        403
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn public_bind_without_auth_refuses_to_start() {
+    let child = tokio::process::Command::new(common::BIN)
+        .args(["--transport", "http", "--host", "0.0.0.0", "--port", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the server started listening on 0.0.0.0 without authentication")
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("without authentication"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_limit_is_a_clear_error() {
+    let s = common::start(Transport::Stdio, &["--max-sessions", "2"]).await;
+    s.new_session("1").await;
+    let (second, _) = s.new_session("1").await;
+    let v = s.exec("", "1").await;
+    assert_eq!(v["success"], false);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("SessionLimitError:"),
+        "{v}"
+    );
+    s.call("clear_session", json!({"session_id": second})).await;
+    s.new_session("1").await;
+    s.stop().await;
+}
