@@ -8,19 +8,23 @@ exactly where the server's ends.
 
 Two halves, two interpreters:
 
-    python-with-mcp          bench.py [--quick] [--json PATH] [--bin PATH]
-    kernel-env python        bench.py floor --json [--quick]   (run by the above)
+    python with `mcp`     bench.py [--quick] [--json PATH] [--bin PATH]
+    kernel env's python   bench.py floor --json [--quick]   (kernel starts, plots, parallel)
+                          bench.py floor --serve            (warm latency, on request)
 
-The first runs the floor as a subprocess under the kernel environment's Python
-(it needs jupyter_client), then drives the release binary over stdio and
-streamable HTTP with the official Python MCP SDK, prints a table with ratios
-(ours / floor) and targets, and writes every figure and sample to a JSON file.
-Use ./bench/bench, which builds, provisions and picks the right Python.
-Not a test: it always exits 0 unless the benchmark itself could not run.
+The first runs the floor as subprocesses under the kernel environment's
+Python (it needs jupyter_client), then drives the release binary over stdio
+and streamable HTTP with the official Python MCP SDK. Warm latencies are
+measured in interleaved rounds (floor, stdio, HTTP, ...), so that drift on a
+shared machine hits the floor and the server alike. It prints a table with
+ratios (ours / floor) and targets, and writes every figure and sample to a
+JSON file. Use ./bench/bench, which builds, provisions and picks the Pythons.
+Not a test: it exits 0 whether or not targets are met.
 """
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import math
@@ -43,19 +47,19 @@ import urllib.parse
 
 # Iterations: full run and --quick (smoke).
 FULL = dict(
-    kernel_starts=5, graceful_shutdowns=2, new_sessions=10, warm_calls=300, noop_calls=100, nagle_calls=20,
-    plot_calls=20, par_sessions=8, par_calls=20,
+    kernel_starts=5, graceful_shutdowns=2, new_sessions=10, warm_calls=300, warm_rounds=4, noop_calls=100,
+    nagle_calls=20, plot_calls=20, par_sessions=8, par_calls=20, par_reps=3,
 )  # fmt: skip
 QUICK = dict(
-    kernel_starts=2, graceful_shutdowns=1, new_sessions=3, warm_calls=40, noop_calls=20, nagle_calls=5,
-    plot_calls=5, par_sessions=8, par_calls=5,
+    kernel_starts=2, graceful_shutdowns=1, new_sessions=3, warm_calls=40, warm_rounds=2, noop_calls=20,
+    nagle_calls=5, plot_calls=5, par_sessions=8, par_calls=5, par_reps=1,
 )  # fmt: skip
 WARMUP_CALLS = 20  # untimed calls before a warm-latency series
 CALL_TIMEOUT = 60.0  # one execute_code / one raw execution
-FLOOR_TIMEOUT = 180.0  # the whole floor subprocess
-PHASE_TIMEOUT = 180.0  # one server's whole scenario
+FLOOR_TIMEOUT = 180.0  # the floor's one-shot subprocess
+OURS_TIMEOUT = 300.0  # everything measured on the servers
 LISTEN_TIMEOUT = 60.0  # HTTP server printing its address
-SHUTDOWN_TIMEOUT = 15.0  # a server exiting after SIGTERM
+SHUTDOWN_TIMEOUT = 15.0  # a server exiting after SIGTERM / stdin closed
 POOL_SIZE = 2
 
 KERNEL_ARGS = ["--HistoryManager.enabled=False", "--Application.log_level=WARN"]  # as src/kernel/local.rs
@@ -81,8 +85,7 @@ def log(msg):
 def percentile(xs, q):
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     s = sorted(xs)
-    k = max(0, math.ceil(q / 100 * len(s)) - 1)
-    return s[k]
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
 def summary(xs):
@@ -109,8 +112,21 @@ def rss_kb(pid):
     return None
 
 
+def kernel_rss(pids):
+    values = [v for v in (rss_kb(p) for p in pids) if v is not None]
+    if not values:
+        return None
+    return {"n": len(values), "mean_kb": statistics.fmean(values), "max_kb": max(values), "sum_kb": sum(values)}
+
+
+def median_rep(reps):
+    """Of repeated parallel runs, the one with the median calls/s (all kept)."""
+    best = sorted(reps, key=lambda r: r["calls_per_s"])[len(reps) // 2]
+    return {**best, "reps_calls_per_s": [r["calls_per_s"] for r in reps]}
+
+
 def cpu_s(pid):
-    """User + system CPU seconds of a process so far (None if gone)."""
+    """User + system CPU seconds of a process so far (None if unknown)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -126,16 +142,9 @@ def cpu_sum(pids):
 
 def cpu_delta(before, after, calls):
     """Microseconds of CPU per call between two readings."""
-    if before is None or after is None:
+    if before is None or after is None or not calls:
         return None
     return (after - before) / calls * 1e6
-
-
-def kernel_rss(pids):
-    values = [v for v in (rss_kb(p) for p in pids) if v is not None]
-    if not values:
-        return None
-    return {"n": len(values), "mean_kb": statistics.fmean(values), "max_kb": max(values), "sum_kb": sum(values)}
 
 
 def raise_on_sigterm():
@@ -143,6 +152,59 @@ def raise_on_sigterm():
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def die_with_parent():
+    """In a child before exec: SIGTERM it when the bench dies (even by SIGKILL),
+    so that no server or floor outlives a killed run."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LineChannel:
+    """JSON lines over a child's stdin/stdout, every read bounded in time."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.buf = b""
+
+    def send(self, obj):
+        self.proc.stdin.write(json.dumps(obj).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def recv(self, timeout=CALL_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                if line.strip():
+                    return json.loads(line)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError(f"no answer from pid {self.proc.pid} within {timeout} s")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"pid {self.proc.pid} closed its stdout (exit {self.proc.poll()})")
+            self.buf += chunk
+
+    def close(self):
+        """Close stdin (the child's cue to exit), then wait, then kill."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 # ---------------------------------------------------------------------------
@@ -212,12 +274,11 @@ class RawKernel:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def floor_warm(k, n):
-    for _ in range(WARMUP_CALLS):
-        k.run(TRIVIAL)
-    trivial = [k.run(TRIVIAL)[0] for _ in range(n)]
+def floor_block(k, count, start):
+    """`count` x `x = 1`, then `count` x `print(i)`; seconds of each."""
+    trivial = [k.run(TRIVIAL)[0] for _ in range(count)]
     printed = []
-    for i in range(n):
+    for i in range(start, start + count):
         t, outputs = k.run(f"print({i})")
         if "".join(c["text"] for kind, c in outputs if kind == "stream") != f"{i}\n":
             raise RuntimeError(f"raw kernel: print({i}) gave {outputs}")
@@ -225,7 +286,30 @@ def floor_warm(k, n):
     return trivial, printed
 
 
+def floor_serve():
+    """One warm kernel; answers `{"count", "start"}` lines with a timed block,
+    until stdin closes. Lets the caller interleave the floor with the server."""
+    raise_on_sigterm()
+    os.environ.pop("MPLBACKEND", None)
+    workdir = tempfile.mkdtemp(prefix="bench-floor-")
+    k = None
+    try:
+        k = RawKernel(workdir)
+        for _ in range(WARMUP_CALLS):
+            k.run(TRIVIAL)
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            trivial, printed = floor_block(k, cmd["count"], cmd["start"])
+            print(json.dumps({"trivial": trivial, "print": printed}), flush=True)
+    finally:
+        if k is not None:
+            k.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def floor_main(quick):
+    """Kernel starts and graceful shutdowns, kernel RSS, plots, parallel."""
     raise_on_sigterm()
     os.environ.pop("MPLBACKEND", None)  # ipykernel then picks the inline backend, as in the server
     n = QUICK if quick else FULL
@@ -233,8 +317,8 @@ def floor_main(quick):
     kernels = []
     out = {}
     try:
-        # 1. Kernel start until ready (one untimed warm-up start first); the
-        # first timed ones also get a timed graceful shutdown, the floor of
+        # Kernel start until ready (one untimed warm-up start first); the first
+        # timed ones also get a timed graceful shutdown, the floor of
         # clear_session (jupyter_client's shutdown_kernel: request, wait, kill).
         starts, shutdowns = [], []
         for i in range(n["kernel_starts"] + 1):
@@ -251,12 +335,12 @@ def floor_main(quick):
                 starts.append(t)
         out["kernel_start_s"], out["graceful_shutdown_s"] = starts, shutdowns
 
-        # 2. Warm latency, 3. plot, kernel RSS with one kernel.
+        # Kernel RSS after some calls, then the plot.
         k = RawKernel(workdir)
         kernels.append(k)
         pid = int(k.value(GETPID))
-        trivial, printed = floor_warm(k, n["warm_calls"])
-        out["warm_trivial_s"], out["warm_print_s"] = trivial, printed
+        for _ in range(WARMUP_CALLS):
+            k.run(TRIVIAL)
         out["kernel_rss_1"] = kernel_rss([pid])
         k.run(PLOT_IMPORT)
         out["matplotlib_backend"] = k.value(BACKEND).strip("'")
@@ -270,7 +354,7 @@ def floor_main(quick):
         kernels.remove(k)
         k.close()
 
-        # 4. N fresh kernels (like the server's new sessions), one thread each
+        # N fresh kernels (like the server's new sessions), one thread each
         # driving its own client.
         while len(kernels) < n["par_sessions"]:
             kernels.append(RawKernel(workdir))
@@ -286,39 +370,48 @@ def floor_main(quick):
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(repr(e))
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in kernels]
-        k_cpu, c_cpu = cpu_sum(pids), time.process_time()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(PHASE_TIMEOUT)
-        elapsed = time.perf_counter() - t0
-        if errors or any(t.is_alive() for t in threads):
-            raise RuntimeError(f"raw parallel run failed: {errors}")
-        calls = n["par_sessions"] * n["par_calls"]
-        out["parallel"] = {
-            "sessions": n["par_sessions"], "calls": calls, "seconds": elapsed, "calls_per_s": calls / elapsed,
-            "kernels_cpu_us_per_call": cpu_delta(k_cpu, cpu_sum(pids), calls),
-            "client_cpu_us_per_call": cpu_delta(c_cpu, time.process_time(), calls),
-        }  # fmt: skip
+        reps = []
+        for _ in range(n["par_reps"]):
+            threads = [threading.Thread(target=worker, args=(k,)) for k in kernels]
+            k_cpu, c_cpu = cpu_sum(pids), time.process_time()
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(FLOOR_TIMEOUT)
+            elapsed = time.perf_counter() - t0
+            if errors or any(t.is_alive() for t in threads):
+                raise RuntimeError(f"raw parallel run failed: {errors}")
+            calls = n["par_sessions"] * n["par_calls"]
+            reps.append({
+                "sessions": n["par_sessions"], "calls": calls, "seconds": elapsed, "calls_per_s": calls / elapsed,
+                "kernels_cpu_us_per_call": cpu_delta(k_cpu, cpu_sum(pids), calls),
+                "client_cpu_us_per_call": cpu_delta(c_cpu, time.process_time(), calls),
+            })  # fmt: skip
+        out["parallel"] = median_rep(reps)
         out["kernel_rss_n"] = kernel_rss(pids)
     finally:
         for k in kernels:
             k.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    import jupyter_client
     import ipykernel
+    import jupyter_client
 
-    out["versions"] = {"python": sys.version.split()[0], "jupyter_client": jupyter_client.__version__, "ipykernel": ipykernel.__version__}
+    out["versions"] = {
+        "python": sys.version.split()[0], "jupyter_client": jupyter_client.__version__,
+        "ipykernel": ipykernel.__version__,
+    }  # fmt: skip
     return out
 
 
 def run_floor(kernel_python, quick):
-    """Run the floor half under the kernel environment's Python; bounded, and
-    SIGTERM first so that it shuts its kernels down."""
+    """The floor's one-shot half; bounded, SIGTERM first so that it shuts its
+    kernels down."""
     cmd = [kernel_python, os.path.abspath(__file__), "floor", "--json"] + (["--quick"] if quick else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        preexec_fn=die_with_parent,
+    )  # fmt: skip
     try:
         stdout, stderr = proc.communicate(timeout=FLOOR_TIMEOUT)
     except BaseException:
@@ -334,6 +427,42 @@ def run_floor(kernel_python, quick):
     return json.loads(stdout)
 
 
+class FloorServer:
+    """`bench.py floor --serve` as a child: one warm raw kernel on request.
+    Spawn it from the main thread (PR_SET_PDEATHSIG follows the spawning
+    thread), then wait_ready() may block in a worker thread."""
+
+    def __init__(self, kernel_python):
+        self.err = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(
+            [kernel_python, os.path.abspath(__file__), "floor", "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, preexec_fn=die_with_parent,
+        )  # fmt: skip
+        self.chan = LineChannel(proc)
+
+    def wait_ready(self):
+        try:
+            self.chan.recv(timeout=LISTEN_TIMEOUT)
+        except (OSError, RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"floor server: {e}; stderr:\n{self.tail()}") from None
+
+    def block(self, count, start):
+        try:
+            self.chan.send({"count": count, "start": start})
+            r = self.chan.recv(timeout=CALL_TIMEOUT + count * 2)
+        except (OSError, RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"floor server: {e}; stderr:\n{self.tail()}") from None
+        return r["trivial"], r["print"]
+
+    def tail(self):
+        self.err.seek(0)
+        return "".join(self.err.readlines()[-30:])
+
+    def close(self):
+        self.chan.close()
+        self.err.close()
+
+
 # ---------------------------------------------------------------------------
 # Ours: the server through the official MCP SDK (runs under E2E_PYTHON)
 
@@ -347,30 +476,19 @@ SERVER_VARS = (
 
 
 def server_env():
+    """Our environment without the server's own settings: only flags apply."""
     return {k: v for k, v in os.environ.items() if k not in SERVER_VARS and not k.startswith("MCP_POOL")}
-
-
-def die_with_parent():
-    """In the child before exec: SIGTERM it when the bench dies (even by SIGKILL),
-    so that no server outlives a killed run (stdio servers see stdin close)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class HttpServer:
     """The server on streamable HTTP, stderr drained by a thread."""
 
-    def __init__(self, binary, data_dir, extra):
+    def __init__(self, binary, data_dir):
         self.proc = subprocess.Popen(
-            [binary, "--transport", "http", "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir, *extra],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=server_env(),
+            [binary, "--transport", "http", "--host", "127.0.0.1", "--port", "0", "--data-dir", data_dir],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=server_env(),
             preexec_fn=die_with_parent,
-        )
+        )  # fmt: skip
         self.lines = []
         self.url = None
         self._found = threading.Event()
@@ -431,10 +549,13 @@ def leaf_exception(e):
 
 
 class Ours:
-    """One connected client plus helpers that time calls."""
+    """One connected SDK client plus helpers that time calls. `pid` is the
+    server's, for CPU and RSS readings."""
 
-    def __init__(self, client):
+    def __init__(self, client, pid):
         self.c = client
+        self.pid = pid
+        self.cpu = {"server_s": 0.0, "client_s": 0.0, "calls": 0}
 
     async def call(self, code, sid):
         t0 = time.perf_counter()
@@ -452,7 +573,7 @@ class Ours:
     async def clear(self, sid):
         await self.c.call_tool("clear_session", {"session_id": sid}, read_timeout_seconds=CALL_TIMEOUT)
 
-    async def pid(self, sid):
+    async def kernel_pid(self, sid):
         _, s = await self.call(GETPID, sid)
         return int(s["result"])
 
@@ -470,16 +591,21 @@ class Ours:
                 clears.append(time.perf_counter() - t0)
         return out, clears
 
-    async def warm(self, sid, n):
-        for _ in range(WARMUP_CALLS):
-            await self.call(TRIVIAL, sid)
-        trivial = [(await self.call(TRIVIAL, sid))[0] for _ in range(n)]
+    async def block(self, sid, count, start):
+        """Like floor_block, through MCP; adds up server and client CPU."""
+        s_cpu, c_cpu = cpu_s(self.pid), time.process_time()
+        trivial = [(await self.call(TRIVIAL, sid))[0] for _ in range(count)]
         printed = []
-        for i in range(n):
+        for i in range(start, start + count):
             t, s = await self.call(f"print({i})", sid)
             if output_text(s) != f"{i}\n":
                 raise RuntimeError(f"print({i}) gave {s.get('output')!r}")
             printed.append(t)
+        after = cpu_s(self.pid)
+        if s_cpu is not None and after is not None:
+            self.cpu["server_s"] += after - s_cpu
+        self.cpu["client_s"] += time.process_time() - c_cpu
+        self.cpu["calls"] += 2 * count
         return trivial, printed
 
     async def noop(self, sid, n):
@@ -502,64 +628,45 @@ class Ours:
             out.append(t)
         return out, backend
 
-    async def parallel(self, n_sessions, n_calls, server_pid):
+    async def parallel(self, n_sessions, n_calls, n_reps):
+        """n_sessions new sessions, then n_calls trivial calls each, all at once
+        (n_reps times, the median kept). Returns the figures with RSS taken
+        while the sessions live; clears them."""
         sids = await asyncio.gather(*(self.new() for _ in range(n_sessions)))
-        pids = await asyncio.gather(*(self.pid(s) for s in sids))
+        try:
+            pids = await asyncio.gather(*(self.kernel_pid(s) for s in sids))
 
-        async def worker(sid):
-            for _ in range(n_calls):
-                await self.call(TRIVIAL, sid)
+            async def worker(sid):
+                for _ in range(n_calls):
+                    await self.call(TRIVIAL, sid)
 
-        s_cpu, k_cpu, c_cpu = cpu_s(server_pid), cpu_sum(pids), time.process_time()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(s) for s in sids))
-        elapsed = time.perf_counter() - t0
-        calls = n_sessions * n_calls
-        return sids, pids, {
-            "sessions": n_sessions, "calls": calls, "seconds": elapsed, "calls_per_s": calls / elapsed,
-            "server_cpu_us_per_call": cpu_delta(s_cpu, cpu_s(server_pid), calls),
-            "kernels_cpu_us_per_call": cpu_delta(k_cpu, cpu_sum(pids), calls),
-            "client_cpu_us_per_call": cpu_delta(c_cpu, time.process_time(), calls),
-        }  # fmt: skip
-
-
-async def scenario(ours, n, server_pid, do_new_sessions, do_plot):
-    """Everything measured on one server; returns a dict of results."""
-    res = {}
-    if do_new_sessions:
-        log("  new sessions")
-        res["new_session_s"], res["clear_session_s"] = await ours.new_sessions(n["new_sessions"])
-    sid = await ours.new()
-    kpid = await ours.pid(sid)
-    log("  warm calls")
-    s_cpu, c_cpu = cpu_s(server_pid), time.process_time()
-    res["warm_trivial_s"], res["warm_print_s"] = await ours.warm(sid, n["warm_calls"])
-    calls = WARMUP_CALLS + 2 * n["warm_calls"]
-    res["warm_server_cpu_us_per_call"] = cpu_delta(s_cpu, cpu_s(server_pid), calls)
-    res["warm_client_cpu_us_per_call"] = cpu_delta(c_cpu, time.process_time(), calls)
-    res["noop_s"] = await ours.noop(sid, n["noop_calls"])
-    res["server_rss_kb_1"] = rss_kb(server_pid)
-    res["kernel_rss_1"] = kernel_rss([kpid])
-    if do_plot:
-        log("  plots")
-        res["plot_s"], res["matplotlib_backend"] = await ours.plot(sid, n["plot_calls"])
-    await ours.clear(sid)
-    log(f"  {n['par_sessions']} sessions x {n['par_calls']} calls in parallel")
-    sids, pids, res["parallel"] = await ours.parallel(n["par_sessions"], n["par_calls"], server_pid)
-    res["server_rss_kb_n"] = rss_kb(server_pid)
-    res["kernel_rss_n"] = kernel_rss(pids)
-    await asyncio.gather(*(ours.clear(s) for s in sids))
-    return res
+            reps = []
+            for _ in range(n_reps):
+                s_cpu, k_cpu, c_cpu = cpu_s(self.pid), cpu_sum(pids), time.process_time()
+                t0 = time.perf_counter()
+                await asyncio.gather(*(worker(s) for s in sids))
+                elapsed = time.perf_counter() - t0
+                calls = n_sessions * n_calls
+                reps.append({
+                    "sessions": n_sessions, "calls": calls, "seconds": elapsed, "calls_per_s": calls / elapsed,
+                    "server_cpu_us_per_call": cpu_delta(s_cpu, cpu_s(self.pid), calls),
+                    "kernels_cpu_us_per_call": cpu_delta(k_cpu, cpu_sum(pids), calls),
+                    "client_cpu_us_per_call": cpu_delta(c_cpu, time.process_time(), calls),
+                })  # fmt: skip
+            return {**median_rep(reps), "server_rss_kb": rss_kb(self.pid), "kernel_rss": kernel_rss(pids)}
+        finally:
+            await asyncio.gather(*(self.clear(s) for s in sids))
 
 
 class ThinClient:
-    """A minimal MCP client (hand-written JSON-RPC, no SDK) to tell the
-    server's own cost from the Python SDK's: subclasses move the bytes."""
+    """A minimal MCP client (hand-written JSON-RPC, no SDK), to tell the
+    server's own cost from the Python SDK's. Subclasses move the bytes."""
 
     PROTOCOL = "2025-06-18"
 
     def __init__(self):
         self.next_id = 0
+        self.sid = None
         self.request("initialize", {"protocolVersion": self.PROTOCOL, "capabilities": {},
                                     "clientInfo": {"name": "bench-thin", "version": "0"}})  # fmt: skip
         self.notify("notifications/initialized")
@@ -583,54 +690,47 @@ class ThinClient:
             raise RuntimeError(f"thin client: execute_code {code!r} failed: {r}")
         return t, s
 
-    def warm(self, n):
+    def open_session(self):
         _, s = self.execute(TRIVIAL, "")
-        sid = s["session_id"]
+        self.sid = s["session_id"]
         for _ in range(WARMUP_CALLS):
-            self.execute(TRIVIAL, sid)
-        out = [self.execute(TRIVIAL, sid)[0] for _ in range(n)]
-        self.request("tools/call", {"name": "clear_session", "arguments": {"session_id": sid}})
-        return out
+            self.execute(TRIVIAL, self.sid)
+
+    def block(self, count):
+        return [self.execute(TRIVIAL, self.sid)[0] for _ in range(count)]
+
+    def clear(self):
+        if self.sid:
+            self.request("tools/call", {"name": "clear_session", "arguments": {"session_id": self.sid}})
+            self.sid = None
 
 
 class ThinStdio(ThinClient):
-    def __init__(self, binary, data_dir, errlog):
-        self.proc = subprocess.Popen(
+    """Its own stdio server (stdin closing is its cue to exit)."""
+
+    def __init__(self, binary, data_dir):
+        self.err = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(
             [binary, "--transport", "stdio", "--data-dir", data_dir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog, env=server_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=server_env(),
         )  # fmt: skip
-        self.buf = b""
-        super().__init__()
+        self.chan = LineChannel(proc)
+        try:
+            super().__init__()
+        except BaseException:
+            self.close()
+            raise
 
     def exchange(self, obj, want_id):
-        self.proc.stdin.write(json.dumps(obj).encode() + b"\n")
-        self.proc.stdin.flush()
-        if want_id is None:
-            return None
-        deadline = time.monotonic() + CALL_TIMEOUT
-        fd = self.proc.stdout.fileno()
-        while True:
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                if line.strip():
-                    msg = json.loads(line)
-                    if msg.get("id") == want_id:
-                        return msg
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError("thin stdio client: no answer")
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                raise RuntimeError("thin stdio client: the server closed stdout")
-            self.buf += chunk
+        self.chan.send(obj)
+        while want_id is not None:
+            msg = self.chan.recv()
+            if msg.get("id") == want_id:
+                return msg
 
     def close(self):
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
+        self.chan.close()
+        self.err.close()
 
 
 class NoDelayConnection(http.client.HTTPConnection):
@@ -644,7 +744,9 @@ class NoDelayConnection(http.client.HTTPConnection):
 
 class ThinHttp(ThinClient):
     """One keep-alive connection; SSE answers are read whole (the server ends
-    the stream after the response)."""
+    the stream after the response). quickack: ACK the response headers at
+    once, so that a server writing with Nagle's algorithm on does not hold the
+    body back until our delayed ACK (~40 ms)."""
 
     def __init__(self, url, quickack):
         u = urllib.parse.urlsplit(url)
@@ -657,8 +759,6 @@ class ThinHttp(ThinClient):
     def exchange(self, obj, want_id):
         self.conn.request("POST", self.path, json.dumps(obj).encode(), self.headers)
         if self.quickack:
-            # ACK the response headers at once, so that a server with Nagle's
-            # algorithm on does not hold the body until our delayed ACK (40 ms).
             self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         resp = self.conn.getresponse()
         body = resp.read()
@@ -689,102 +789,174 @@ class ThinHttp(ThinClient):
         self.conn.close()
 
 
-def thin_stdio_warm(binary, n):
-    data_dir = tempfile.mkdtemp(prefix="bench-thin-")
-    with tempfile.TemporaryFile("w+") as errlog:
-        client = None
-        try:
-            client = ThinStdio(binary, data_dir, errlog)
-            return client.warm(n)
-        except BaseException:
-            errlog.seek(0)
-            log("thin stdio server stderr (tail):\n" + "".join(errlog.readlines()[-30:]))
-            raise
-        finally:
-            if client is not None:
-                client.close()
-            shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def thin_http_warm(url, n, quickack=True):
-    client = ThinHttp(url, quickack)
-    try:
-        return client.warm(n)
-    finally:
-        client.close()
-
-
 def make_client(target):
     from mcp import Client
 
     return Client(target, read_timeout_seconds=CALL_TIMEOUT, cache=None)
 
 
-async def run_stdio(binary, n, extra=(), new_sessions_only=False, pause=0.0):
+def temp_dir(stack, prefix):
+    d = tempfile.mkdtemp(prefix=prefix)
+    stack.callback(shutil.rmtree, d, ignore_errors=True)
+    return d
+
+
+async def sdk_stdio(stack, binary, errlog, extra=()):
+    """An SDK client on a fresh stdio server, its stderr going to errlog."""
     from mcp import StdioServerParameters
     from mcp.client.stdio import stdio_client
 
-    data_dir = tempfile.mkdtemp(prefix="bench-stdio-")
-    errlog = tempfile.TemporaryFile("w+")
+    data_dir = temp_dir(stack, "bench-stdio-")
     params = StdioServerParameters(
         command=binary, args=["--transport", "stdio", "--data-dir", data_dir, *extra], env=server_env()
     )
+    client = await stack.enter_async_context(make_client(stdio_client(params, errlog=errlog)))
+    pid = find_server_pid(binary, data_dir)
+    if pid is None:
+        log("warning: stdio server pid not found: no server RSS/CPU figures")
+    return Ours(client, pid)
+
+
+def file_tail(f, n=30):
+    def tail():
+        f.seek(0)
+        return "".join(f.readlines()[-n:])
+
+    return tail
+
+
+@contextlib.contextmanager
+def stderr_tails_on_error():
+    """Yields a list to register (name, tail function) pairs in; on an error,
+    shows each server's stderr tail, after the servers have been stopped."""
+    logs = []
     try:
-        async with make_client(stdio_client(params, errlog=errlog)) as client:
-            ours = Ours(client)
-            if new_sessions_only:
-                new, clears = await ours.new_sessions(n["new_sessions"], pause=pause)
-                return {"new_session_s": new, "clear_session_s": clears}
-            pid = find_server_pid(binary, data_dir)
-            if pid is None:
-                log("  warning: stdio server pid not found; no server RSS")
-            return await scenario(ours, n, pid, do_new_sessions=True, do_plot=True)
+        yield logs
     except BaseException:
-        errlog.seek(0)
-        log("stdio server stderr (tail):\n" + "".join(errlog.readlines()[-30:]))
+        for name, tail in logs:
+            with contextlib.suppress(Exception):
+                log(f"{name} stderr (tail):\n{tail()}")
         raise
-    finally:
-        errlog.close()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def run_http(binary, n):
-    data_dir = tempfile.mkdtemp(prefix="bench-http-")
-    server = HttpServer(binary, data_dir, [])
-    try:
-        log("  warm calls, thin client")
-        thin = await asyncio.to_thread(thin_http_warm, server.url, n["warm_calls"])
-        thin_plain = await asyncio.to_thread(thin_http_warm, server.url, n["nagle_calls"], False)
-        async with make_client(server.url) as client:
-            res = await scenario(Ours(client), n, server.proc.pid, do_new_sessions=False, do_plot=False)
-        res["thin_warm_trivial_s"] = thin
-        res["thin_noquickack_warm_trivial_s"] = thin_plain
-        return res
-    except BaseException:
-        log("HTTP server stderr (tail):\n" + server.tail())
-        raise
-    finally:
-        await asyncio.to_thread(server.stop)
-        shutil.rmtree(data_dir, ignore_errors=True)
+async def thread(fn, *args):
+    return await asyncio.to_thread(fn, *args)
 
 
-async def run_ours(binary, n, pool, pause):
-    cur = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, cur.cancel)
-    ours = {}
-    log("stdio server")
-    ours["stdio"] = await asyncio.wait_for(run_stdio(binary, n), PHASE_TIMEOUT)
-    log("stdio server, thin client: warm calls")
-    ours["stdio"]["thin_warm_trivial_s"] = await asyncio.to_thread(thin_stdio_warm, binary, n["warm_calls"])
-    log("HTTP server")
-    ours["http"] = await asyncio.wait_for(run_http(binary, n), PHASE_TIMEOUT)
+async def measure_ours(binary, kernel_python, n, pool, pause):
+    """Everything on the servers. Returns {"stdio": ..., "http": ..., maybe "stdio_pool": ...,
+    "floor_warm": ...}."""
+    res = {"stdio": {}, "http": {}}
+    st, ht = res["stdio"], res["http"]
+    with tempfile.TemporaryFile("w+") as errlog, stderr_tails_on_error() as logs:
+        async with contextlib.AsyncExitStack() as stack:
+            await measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, n)
+
     if pool:
-        log(f"stdio server with --pool-size {POOL_SIZE}: new sessions, {pause:.1f} s apart")
-        ours["stdio_pool"] = await asyncio.wait_for(
-            run_stdio(binary, n, ["--pool-size", str(POOL_SIZE)], new_sessions_only=True, pause=pause), PHASE_TIMEOUT
-        )
-    return ours
+        with tempfile.TemporaryFile("w+") as errlog, stderr_tails_on_error() as logs:
+            async with contextlib.AsyncExitStack() as stack:
+                log(f"stdio server with --pool-size {POOL_SIZE}: new sessions, {pause:.1f} s pause before each")
+                logs.append(("pooled stdio server", file_tail(errlog)))
+                pooled = await sdk_stdio(stack, binary, errlog, ["--pool-size", str(POOL_SIZE)])
+                new, clears = await pooled.new_sessions(n["new_sessions"], pause=pause)
+                res["stdio_pool"] = {"new_session_s": new, "clear_session_s": clears}
+    return res
+
+
+async def measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, n):
+    """The stdio and HTTP servers, thin clients and the warm floor kernel."""
+    log("stdio server (SDK client)")
+    logs.append(("stdio server", file_tail(errlog)))
+    stdio = await sdk_stdio(stack, binary, errlog)
+    log(f"  {n['new_sessions']} new sessions")
+    st["new_session_s"], st["clear_session_s"] = await stdio.new_sessions(n["new_sessions"])
+
+    log("HTTP server (SDK client), thin clients, floor kernel")
+    http_server = HttpServer(binary, temp_dir(stack, "bench-http-"))
+    stack.callback(http_server.stop)
+    logs.append(("HTTP server", http_server.tail))
+    http = Ours(await stack.enter_async_context(make_client(http_server.url)), http_server.proc.pid)
+    floor = FloorServer(kernel_python)
+    stack.callback(floor.close)
+    await thread(floor.wait_ready)
+    thin_s = await thread(ThinStdio, binary, temp_dir(stack, "bench-thin-"))
+    stack.callback(thin_s.close)
+    thin_h = await thread(ThinHttp, http_server.url, True)
+    stack.callback(thin_h.close)
+
+    sid_s, sid_h = await stdio.new(), await http.new()
+    kpid = await stdio.kernel_pid(sid_s)
+    for _ in range(WARMUP_CALLS):
+        await stdio.call(TRIVIAL, sid_s)
+        await http.call(TRIVIAL, sid_h)
+    await thread(thin_s.open_session)
+    await thread(thin_h.open_session)
+
+    # Warm latency: interleaved rounds, the order rotating each round.
+    count = math.ceil(n["warm_calls"] / n["warm_rounds"])
+    log(f"  warm calls: {n['warm_rounds']} interleaved rounds of {count} per code and client")
+    fw = res["floor_warm"] = {"warm_trivial_s": [], "warm_print_s": []}
+    for key in ("warm_trivial_s", "warm_print_s"):
+        st[key], ht[key] = [], []
+    st["thin_warm_trivial_s"], ht["thin_warm_trivial_s"] = [], []
+
+    async def floor_part(start):
+        t, p = await thread(floor.block, count, start)
+        fw["warm_trivial_s"] += t
+        fw["warm_print_s"] += p
+
+    async def sdk_part(ours, sid, out, start):
+        t, p = await ours.block(sid, count, start)
+        out["warm_trivial_s"] += t
+        out["warm_print_s"] += p
+
+    async def thin_part(thin, out, start):
+        out["thin_warm_trivial_s"] += await thread(thin.block, count)
+
+    for r in range(n["warm_rounds"]):
+        start = r * count
+        parts = [
+            lambda: floor_part(start), lambda: sdk_part(stdio, sid_s, st, start),
+            lambda: sdk_part(http, sid_h, ht, start), lambda: thin_part(thin_s, st, start),
+            lambda: thin_part(thin_h, ht, start),
+        ]  # fmt: skip
+        for part in parts[r % len(parts) :] + parts[: r % len(parts)]:
+            await part()
+    for ours, out in ((stdio, st), (http, ht)):
+        server_s = ours.cpu["server_s"] if ours.pid is not None else None
+        out["warm_server_cpu_us_per_call"] = cpu_delta(0, server_s, ours.cpu["calls"])
+        out["warm_client_cpu_us_per_call"] = cpu_delta(0, ours.cpu["client_s"], ours.cpu["calls"])
+
+    # Done with the thin clients and the floor: one SDK session per server now.
+    await thread(thin_h.clear)
+    await thread(thin_s.clear)
+    await thread(thin_s.close)
+    await thread(floor.close)
+    st["server_rss_kb_1"], ht["server_rss_kb_1"] = rss_kb(stdio.pid), rss_kb(http.pid)
+    st["kernel_rss_1"] = kernel_rss([kpid])
+
+    log("  list_session_files (no kernel) and the thin HTTP client without TCP_QUICKACK")
+    st["noop_s"], ht["noop_s"] = await stdio.noop(sid_s, n["noop_calls"]), await http.noop(sid_h, n["noop_calls"])
+    nagle = await thread(ThinHttp, http_server.url, False)
+    stack.callback(nagle.close)
+    await thread(nagle.open_session)
+    ht["thin_noquickack_warm_trivial_s"] = await thread(nagle.block, n["nagle_calls"])
+    await thread(nagle.clear)
+
+    log(f"  {n['plot_calls']} plots (stdio)")
+    st["plot_s"], st["matplotlib_backend"] = await stdio.plot(sid_s, n["plot_calls"])
+    await stdio.clear(sid_s)
+    await http.clear(sid_h)
+
+    for name, ours, out in (("stdio", stdio, st), ("HTTP", http, ht)):
+        log(f"  {n['par_sessions']} sessions x {n['par_calls']} calls in parallel, {n['par_reps']} times ({name})")
+        out["parallel"] = await ours.parallel(n["par_sessions"], n["par_calls"], n["par_reps"])
+
+
+
+async def run_ours(binary, kernel_python, n, pool, pause):
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    return await asyncio.wait_for(measure_ours(binary, kernel_python, n, pool, pause), OURS_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------
@@ -801,77 +973,81 @@ def build_rows(floor, ours, pool_pause):
              "ratio": ratio, "target": target, "pass": ok, "note": note}
         )  # fmt: skip
 
+    st, ht = ours["stdio"], ours["http"]
     fs = summary(floor["kernel_start_s"])
-    for key, label, extra in (("stdio", "new session", None), ("stdio_pool", f"new session, pool {POOL_SIZE}", pool_pause)):
+    for key, label in (("stdio", "new session"), ("stdio_pool", f"new session, --pool-size {POOL_SIZE}")):
         if key not in ours:
             continue
         s = summary(ours[key]["new_session_s"])
-        note = f"{extra:.1f} s pause before each (pool refill)" if extra else None
+        note = f"a {pool_pause:.1f} s pause before each (pool refill)" if key == "stdio_pool" else None
+        note = "floor: raw kernel start until ready (KernelManager.start_kernel + wait_for_ready)" if not note else note
         row(f"{label} p50", "stdio", "s", s["p50"], fs["p50"], f"<= {T_NEW_SESSION_RATIO}x floor",
             s["p50"] <= T_NEW_SESSION_RATIO * fs["p50"], note)  # fmt: skip
         row(f"{label} max", "stdio", "s", s["max"], fs["max"])
 
-    fw = {"x = 1": summary(floor["warm_trivial_s"]), "print(i)": summary(floor["warm_print_s"])}
-    for transport in ("stdio", "http"):
-        mw = {"x = 1": summary(ours[transport]["warm_trivial_s"]), "print(i)": summary(ours[transport]["warm_print_s"])}
+    fwarm = ours["floor_warm"]
+    fw = {"x = 1": summary(fwarm["warm_trivial_s"]), "print(i)": summary(fwarm["warm_print_s"])}
+    for transport, o in (("stdio", st), ("http", ht)):
+        mw = {"x = 1": summary(o["warm_trivial_s"]), "print(i)": summary(o["warm_print_s"])}
         for code in ("x = 1", "print(i)"):
             m, f = mw[code], fw[code]
             if transport == "stdio":
                 target, ok = f"<= {T_WARM_STDIO_RATIO}x floor", m["p50"] <= T_WARM_STDIO_RATIO * f["p50"]
             else:
                 target, ok = f"<= floor + {T_HTTP_EXTRA_S * 1000:.0f} ms", m["p50"] <= f["p50"] + T_HTTP_EXTRA_S
-            row(f"warm `{code}` p50", transport, "s", m["p50"], f["p50"], target, ok)
+            note = "SDK client; floor and ours measured in interleaved rounds"
+            row(f"warm `{code}` p50", transport, "s", m["p50"], f["p50"], target, ok, note)
             row(f"warm `{code}` p95", transport, "s", m["p95"], f["p95"])
-    for transport in ("stdio", "http"):
-        m, f = summary(ours[transport]["thin_warm_trivial_s"]), fw["x = 1"]
-        note = "informational: hand-written JSON-RPC client instead of the SDK (the server's own cost); HTTP: keep-alive, TCP_NODELAY + TCP_QUICKACK"
+    for transport, o in (("stdio", st), ("http", ht)):
+        m, f = summary(o["thin_warm_trivial_s"]), fw["x = 1"]
+        note = ("informational: a hand-written JSON-RPC client instead of the SDK, i.e. the server's own "
+                "cost; HTTP: keep-alive, TCP_NODELAY, TCP_QUICKACK")  # fmt: skip
         row("warm `x = 1` p50, thin client", transport, "s", m["p50"], f["p50"], note=note)
         row("warm `x = 1` p95, thin client", transport, "s", m["p95"], f["p95"])
-    m = summary(ours["http"]["thin_noquickack_warm_trivial_s"])
-    row("warm `x = 1` p50, thin client, no TCP_QUICKACK", "http", "s", m["p50"], fw["x = 1"]["p50"],
-        note="informational: the same thin client leaving ACKs to the kernel's delayed-ACK timer; "
-             "about +40 ms means the server writes with Nagle's algorithm on (no TCP_NODELAY)")  # fmt: skip
-    for transport in ("stdio", "http"):
-        s = summary(ours[transport]["noop_s"])
-        row("list_session_files p50 (SDK, no kernel)", transport, "s", s["p50"],
-            note="informational: the SDK client + MCP round trip alone")  # fmt: skip
-    s = summary(ours["stdio"]["clear_session_s"])
-    row("clear_session p50", "stdio", "s", s["p50"], summary(floor["graceful_shutdown_s"])["p50"],
+    m = summary(ht["thin_noquickack_warm_trivial_s"])
+    row("warm `x = 1` p50, thin, no TCP_QUICKACK", "http", "s", m["p50"], fw["x = 1"]["p50"],
+        note="informational: the same thin client leaving ACKs to the delayed-ACK timer; about +40 ms "
+             "means the server writes responses with Nagle's algorithm on (no TCP_NODELAY)")  # fmt: skip
+    for transport, o in (("stdio", st), ("http", ht)):
+        row("list_session_files p50 (no kernel)", transport, "s", summary(o["noop_s"])["p50"],
+            note="informational: SDK client + MCP round trip alone")  # fmt: skip
+    row("clear_session p50", "stdio", "s", summary(st["clear_session_s"])["p50"],
+        summary(floor["graceful_shutdown_s"])["p50"],
         note="informational: floor = jupyter_client shutdown_kernel() (shutdown_request, wait for exit)")  # fmt: skip
 
-    mp, fp = summary(ours["stdio"]["plot_s"]), summary(floor["plot_s"])
-    row("matplotlib plot p50", "stdio", "s", mp["p50"], fp["p50"], f"<= {T_PLOT_S} s", mp["p50"] <= T_PLOT_S)
+    mp, fp = summary(st["plot_s"]), summary(floor["plot_s"])
+    row("matplotlib plot p50", "stdio", "s", mp["p50"], fp["p50"], f"<= {T_PLOT_S} s", mp["p50"] <= T_PLOT_S,
+        "floor: the same cell on a raw kernel (inline backend)")  # fmt: skip
 
     fpar = floor["parallel"]
-    for transport in ("stdio", "http"):
-        p = ours[transport]["parallel"]
+    for transport, o in (("stdio", st), ("http", ht)):
+        p = o["parallel"]
         row(f"parallel {p['sessions']} x {p['calls'] // p['sessions']} calls", transport, "calls/s", p["calls_per_s"],
             fpar["calls_per_s"], f">= {T_PARALLEL_CPS:.0f}/s", p["calls_per_s"] >= T_PARALLEL_CPS,
-            "floor: one thread per raw client")  # fmt: skip
+            f"median of {len(p['reps_calls_per_s'])} runs; floor: one thread per raw client")  # fmt: skip
 
-    for transport in ("stdio", "http"):
-        o, p = ours[transport], ours[transport]["parallel"]
-        note = f"informational: CPU time per call ({os.cpu_count()} CPUs are shared by client, server and kernels)"
-        row("warm calls: server CPU/call", transport, "us", o["warm_server_cpu_us_per_call"], note=note)
-        row("warm calls: SDK client CPU/call", transport, "us", o["warm_client_cpu_us_per_call"], note=note)
-        row("parallel: server CPU/call", transport, "us", p["server_cpu_us_per_call"], note=note)
-        row("parallel: client CPU/call", transport, "us", p["client_cpu_us_per_call"], fpar["client_cpu_us_per_call"],
-            note="informational: floor = the raw jupyter_client threads")  # fmt: skip
-        row("parallel: kernels CPU/call", transport, "us", p["kernels_cpu_us_per_call"], fpar["kernels_cpu_us_per_call"],
-            note=note)  # fmt: skip
-    for transport in ("stdio", "http"):
-        o = ours[transport]
+    cpus = os.cpu_count()
+    for transport, o in (("stdio", st), ("http", ht)):
+        p = o["parallel"]
+        note = f"informational: CPU time per call; {cpus} CPUs are shared by client, server and kernels"
+        row("warm: server CPU/call", transport, "us", o["warm_server_cpu_us_per_call"], note=note)
+        row("warm: SDK client CPU/call", transport, "us", o["warm_client_cpu_us_per_call"])
+        row("parallel: server CPU/call", transport, "us", p["server_cpu_us_per_call"])
+        row("parallel: SDK client CPU/call", transport, "us", p["client_cpu_us_per_call"],
+            fpar["client_cpu_us_per_call"])  # fmt: skip
+        row("parallel: kernels CPU/call", transport, "us", p["kernels_cpu_us_per_call"],
+            fpar["kernels_cpu_us_per_call"])  # fmt: skip
+
+    for transport, o in (("stdio", st), ("http", ht)):
         row("server RSS, 1 session", transport, "kB", o["server_rss_kb_1"])
-        v = o["server_rss_kb_n"]
+        v = o["parallel"]["server_rss_kb"]
         row(f"server RSS, {o['parallel']['sessions']} sessions", transport, "kB", v, None,
             f"<= {T_SERVER_RSS_KB // 1024} MB", v is not None and v <= T_SERVER_RSS_KB)  # fmt: skip
-    o = ours["stdio"]
-    k1, kn = o["kernel_rss_1"], o["kernel_rss_n"]
+    k1, kn = st["kernel_rss_1"], st["parallel"]["kernel_rss"]
     row("kernel RSS, 1 session", "stdio", "kB", k1 and k1["mean_kb"], floor["kernel_rss_1"]["mean_kb"])
-    row(f"kernel RSS, {kn['n'] if kn else '?'} sessions, mean", "stdio", "kB", kn and kn["mean_kb"],
-        floor["kernel_rss_n"]["mean_kb"])  # fmt: skip
-    row(f"kernel RSS, {kn['n'] if kn else '?'} sessions, max", "stdio", "kB", kn and kn["max_kb"],
-        floor["kernel_rss_n"]["max_kb"])  # fmt: skip
+    label = f"{kn['n']} sessions" if kn else "N sessions"
+    row(f"kernel RSS, {label}, mean", "stdio", "kB", kn and kn["mean_kb"], floor["kernel_rss_n"]["mean_kb"])
+    row(f"kernel RSS, {label}, max", "stdio", "kB", kn and kn["max_kb"], floor["kernel_rss_n"]["max_kb"])
     return rows
 
 
@@ -889,13 +1065,14 @@ def fmt_value(v, unit):
 
 def print_table(rows, meta):
     head = ["metric", "transport", "ours", "floor", "ours/floor", "target", "pass"]
-    body = []
-    for r in rows:
-        body.append([
+    body = [
+        [
             r["metric"], r["transport"], fmt_value(r["ours"], r["unit"]), fmt_value(r["floor"], r["unit"]),
             f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-", r["target"] or "",
             "" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL"),
-        ])  # fmt: skip
+        ]  # fmt: skip
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     right = {2, 3, 4}
 
@@ -908,21 +1085,24 @@ def print_table(rows, meta):
         print(line(cells))
     print()
     print(
-        "floor: raw jupyter_client {jupyter_client} + ipykernel {ipykernel} (Python {python}), IPC, same kernel "
-        "arguments; execution timed to the request's iopub idle.".format(**meta["floor_versions"])
+        "floor: raw jupyter_client {jupyter_client} + ipykernel {ipykernel} (Python {python}), IPC, the server's "
+        "kernel arguments; an execution is timed to the request's iopub idle.".format(**meta["floor_versions"])
     )
-    print(f"ours: official MCP SDK {meta['mcp_version']} client -> {meta['bin']}; {meta['cpus']} CPUs"
-          + ("; --quick" if meta["quick"] else ""))  # fmt: skip
+    print(
+        f"ours: official MCP SDK {meta['mcp_version']} client -> {meta['bin']}; {meta['cpus']} CPUs"
+        + ("; --quick (few iterations)" if meta["quick"] else "")
+    )
     seen = set()
     for r in rows:
         if r["note"] and r["note"] not in seen:
             seen.add(r["note"])
             print(f"note: {r['metric']}: {r['note']}")
     if not meta["pool_size_flag"]:
-        print(f"note: the binary has no --pool-size flag; the pool row ({POOL_SIZE}) was skipped")
-    print("ratio is ours / floor: below 1 is better for times and memory, above 1 for calls/s")
-    failed = [r for r in rows if r["pass"] is False]
-    print(f"targets: {sum(1 for r in rows if r['pass'])} pass, {len(failed)} fail")
+        print(f"note: the binary has no --pool-size flag: no --pool-size {POOL_SIZE} row")
+    print("ours/floor: below 1 is better for times and memory, above 1 for calls/s")
+    passed = sum(1 for r in rows if r["pass"])
+    failed = sum(1 for r in rows if r["pass"] is False)
+    print(f"targets: {passed} pass, {failed} fail")
 
 
 def kernel_python_of(binary):
@@ -935,12 +1115,16 @@ def kernel_python_of(binary):
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "floor":
-        ap = argparse.ArgumentParser(prog="bench.py floor")
-        ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+        ap = argparse.ArgumentParser(prog="bench.py floor", description="the floor half (kernel env's Python)")
+        ap.add_argument("--json", action="store_true", help="run once, print the results as JSON on stdout")
+        ap.add_argument("--serve", action="store_true", help="keep one warm kernel, time blocks on request")
         ap.add_argument("--quick", action="store_true")
         a = ap.parse_args(sys.argv[2:])
-        result = floor_main(a.quick)
-        print(json.dumps(result) if a.json else json.dumps(result, indent=1))
+        if a.serve:
+            floor_serve()
+        else:
+            result = floor_main(a.quick)
+            print(json.dumps(result) if a.json else json.dumps(result, indent=1))
         return
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -952,7 +1136,9 @@ def main():
     if not os.access(binary, os.X_OK):
         sys.exit(f"no server binary at {binary} (build with cargo build --release)")
     n = QUICK if a.quick else FULL
-    import mcp  # noqa: F401 - fail early under the wrong Python
+    from importlib.metadata import version
+
+    mcp_version = version("mcp")  # fails early under a Python without the SDK
 
     started = time.time()
     raise_on_sigterm()
@@ -962,17 +1148,17 @@ def main():
 
     log(f"floor: raw jupyter_client under {kernel_python}")
     floor = run_floor(kernel_python, a.quick)
-    # With a pool, wait after each clear_session for the pool to refill.
+    # With a pool, wait before each new session for the pool to refill.
     pause = max(1.0, 1.5 * statistics.median(floor["kernel_start_s"]))
     try:
-        ours = asyncio.run(run_ours(binary, n, pool, pause))
+        ours = asyncio.run(run_ours(binary, kernel_python, n, pool, pause))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        sys.exit("bench: interrupted (servers and kernels stopped)")
     except BaseExceptionGroup as group:
         leaf = leaf_exception(group)
         if leaf is group:
             raise
         raise leaf from None
-
-    from importlib.metadata import version
 
     meta = {
         "bin": binary,
@@ -980,18 +1166,18 @@ def main():
         "quick": a.quick,
         "sizes": n,
         "pool_size_flag": pool,
+        "pool_pause_s": pause if pool else None,
         "preload_flag": "--preload" in help_text,
         "cpus": os.cpu_count(),
-        "mcp_version": version("mcp"),
+        "mcp_version": mcp_version,
         "floor_versions": floor["versions"],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": None,
+        "seconds": round(time.time() - started, 1),
     }
-    rows = build_rows(floor, ours, pause if pool else None)
-    meta["seconds"] = round(time.time() - started, 1)
+    rows = build_rows(floor, ours, pause)
     print()
     print_table(rows, meta)
-    print(f"run took {meta['seconds']} s; samples and figures in {a.json}")
+    print(f"run took {meta['seconds']} s; every sample in {a.json}")
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump({"meta": meta, "rows": rows, "floor": floor, "ours": ours}, f, indent=1)

@@ -36,6 +36,16 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// HTTP requests handled at once; more get 503.
     pub max_concurrent_requests: usize,
+    /// Confine kernels (Landlock, cgroups or rlimits); off only for debugging.
+    pub sandbox: bool,
+    /// Run kernels in a private network namespace (no network).
+    pub no_network: bool,
+    /// Memory limit of one kernel (and its children).
+    pub kernel_memory_bytes: u64,
+    /// Processes and threads one kernel may have.
+    pub kernel_max_pids: u64,
+    /// Disk quota of one session folder (also the largest single file).
+    pub max_session_bytes: u64,
     /// Most characters of output returned per call (head and tail kept).
     pub max_output_chars: usize,
     /// The server's own PATH, which kernels get after their environment's `bin`.

@@ -37,8 +37,70 @@ pub enum EnvError {
 pub struct KernelPython {
     pub python: PathBuf,
     /// The environment's `bin` folder, put first on the kernels' PATH so
-    /// `!pip install` installs into the same environment.
+    /// `pip` and `python` in `!commands` are this environment's.
     pub bin_dir: Option<PathBuf>,
+    /// `sys.prefix`, `sys.base_prefix`, `sys.exec_prefix`: what a sandboxed
+    /// kernel must be able to read.
+    pub prefixes: Vec<PathBuf>,
+    /// A prebuilt matplotlib cache (font list), shared read-only by kernels.
+    pub mpl_config: Option<PathBuf>,
+}
+
+/// Asks the interpreter where it lives.
+fn prefixes(python: &Path) -> Vec<PathBuf> {
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import sys; print(sys.prefix); print(sys.base_prefix); print(sys.exec_prefix)",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let mut dirs: Vec<PathBuf> = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        _ => Vec::new(),
+    };
+    // The interpreter itself may be a symlink into yet another folder.
+    if let Ok(real) = std::fs::canonicalize(python)
+        && let Some(dir) = real.parent().and_then(Path::parent)
+    {
+        dirs.push(dir.to_path_buf());
+    }
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// Builds matplotlib's font cache in `dir` once, so kernels (whose HOME is
+/// private and short-lived) do not rebuild it on their first plot.
+fn mpl_cache(python: &Path, dir: &Path) -> Option<PathBuf> {
+    let built = std::fs::read_dir(dir)
+        .map(|mut d| {
+            d.any(|e| {
+                e.map(|e| e.file_name().to_string_lossy().starts_with("fontlist"))
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false);
+    if !built {
+        let ok = Command::new(python)
+            .args(["-c", "import matplotlib.font_manager"])
+            .env("MPLCONFIGDIR", dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return None;
+        }
+    }
+    Some(dir.to_path_buf())
 }
 
 /// Uses an existing interpreter given with `--python`, after checking it has ipykernel.
@@ -58,6 +120,8 @@ pub fn existing(python: &Path) -> Result<KernelPython, EnvError> {
     Ok(KernelPython {
         python: python.to_path_buf(),
         bin_dir: python.parent().map(Path::to_path_buf),
+        prefixes: prefixes(python),
+        mpl_config: None,
     })
 }
 
@@ -77,6 +141,8 @@ pub fn provision(envs_root: &Path, base_python: &Path) -> Result<KernelPython, E
     let ready = || KernelPython {
         python: python.clone(),
         bin_dir: Some(dir.join("bin")),
+        prefixes: prefixes(&python),
+        mpl_config: mpl_cache(&python, &dir.join("mplconfig")),
     };
     if dir.join(COMPLETE_MARKER).exists() {
         return Ok(ready());

@@ -12,6 +12,7 @@ pub mod config;
 pub mod environment;
 pub mod kernel;
 pub mod mcp;
+pub mod sandbox;
 pub mod serve;
 pub mod session;
 pub mod workspace;

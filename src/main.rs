@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use mcp_python_interpreter::auth::Tokens;
 use mcp_python_interpreter::config::{Config, TransportKind};
-use mcp_python_interpreter::{environment, serve};
+use mcp_python_interpreter::{environment, sandbox, serve};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Transport {
@@ -78,12 +78,38 @@ struct Args {
     /// HTTP requests handled at once; more are answered 503.
     #[arg(long, default_value_t = 256)]
     max_concurrent_requests: usize,
+    /// Run kernels without network access (a private network namespace).
+    #[arg(long, env = "MCP_NO_NETWORK")]
+    no_network: bool,
+    /// Do not confine kernels (no Landlock, cgroups or rlimits). For debugging only.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// Memory limit of each kernel, in MiB (cgroup, or RLIMIT_AS without cgroups).
+    #[arg(long, default_value_t = 2048, env = "MCP_KERNEL_MEMORY_LIMIT")]
+    kernel_memory_limit: u64,
+    /// Processes and threads each kernel may have (cgroup pids controller).
+    #[arg(long, default_value_t = 512)]
+    kernel_max_pids: u64,
+    /// Disk quota of each session folder in MiB (also the largest single file).
+    #[arg(long, default_value_t = 1024, env = "MCP_MAX_SESSION_BYTES")]
+    max_session_mb: u64,
     /// Log level (error, warn, info, debug, trace), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
 }
 
 fn main() -> anyhow::Result<()> {
+    // Our binary doubles as the kernels' sandbox wrapper (see src/sandbox).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == sandbox::WRAPPER_ARG) {
+        if argv.get(2).is_some_and(|a| a == "--probe") {
+            sandbox::probe_main();
+            return Ok(());
+        }
+        let err = sandbox::exec_wrapped(argv[2..].to_vec());
+        eprintln!("mcp-python-interpreter kernel sandbox: {err}");
+        std::process::exit(126);
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -155,6 +181,11 @@ fn main() -> anyhow::Result<()> {
         interrupt_grace: Duration::from_secs_f64(args.interrupt_grace),
         max_output_chars: args.max_output_chars,
         max_sessions: args.max_sessions,
+        sandbox: !args.no_sandbox,
+        no_network: args.no_network,
+        kernel_memory_bytes: args.kernel_memory_limit * 1024 * 1024,
+        kernel_max_pids: args.kernel_max_pids,
+        max_session_bytes: args.max_session_mb * 1024 * 1024,
         tokens,
         allowed_origins: args.allowed_origins,
         max_concurrent_requests: args.max_concurrent_requests,

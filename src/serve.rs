@@ -21,8 +21,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, TransportKind};
 use crate::environment::KernelPython;
 use crate::kernel::LocalKernelFactory;
-use crate::kernel::local::LocalKernelConfig;
+use crate::kernel::local::{LocalKernelConfig, SandboxSettings};
 use crate::mcp::Interpreter;
+use crate::sandbox::{self, LandlockSupport, cgroup::CgroupRoot};
 use crate::session::{Registry, SessionSettings, expiry};
 
 /// Largest HTTP request body accepted (code and arguments).
@@ -61,6 +62,11 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
     ));
     create_private_dir(&runtime_dir)?;
 
+    let cgroups = if config.sandbox {
+        CgroupRoot::detect(&format!("mcp-python-interpreter-{}", std::process::id()))
+    } else {
+        None
+    };
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let factory = LocalKernelFactory::new(
@@ -69,6 +75,7 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             runtime_dir: runtime_dir.clone(),
             env: kernel_env(&python, &config.inherited_path),
             start_timeout: config.kernel_start_timeout,
+            sandbox: sandbox_settings(&config, &python, &cgroups),
         },
         shutdown.child_token(),
         tracker.clone(),
@@ -82,6 +89,7 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             interrupt_grace: config.interrupt_grace,
             max_output_chars: config.max_output_chars,
             max_sessions: config.max_sessions,
+            max_session_bytes: config.max_session_bytes,
         },
     ));
     tracker.spawn(expiry::run(
@@ -107,6 +115,9 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
         tracing::warn!("some kernel tasks did not finish within {SHUTDOWN_WAIT:?}");
     }
     let _ = std::fs::remove_dir_all(&runtime_dir);
+    if let Some(cg) = &cgroups {
+        cg.remove();
+    }
     served
 }
 
@@ -244,6 +255,78 @@ async fn watch_signals(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+/// How kernels are confined here; logs what is and is not available.
+fn sandbox_settings(
+    config: &Config,
+    python: &KernelPython,
+    cgroups: &Option<CgroupRoot>,
+) -> Option<SandboxSettings> {
+    if !config.sandbox {
+        tracing::warn!(
+            "kernel sandbox disabled (--no-sandbox): kernels run with the server's full rights"
+        );
+        return None;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        tracing::warn!("cannot find our own executable; kernels run unconfined");
+        return None;
+    };
+    let landlock = sandbox::probe(&exe);
+    match landlock {
+        LandlockSupport::Full => {
+            tracing::info!("kernel isolation: Landlock enforced (files: own session folder only)")
+        }
+        LandlockSupport::Partial => tracing::warn!(
+            "kernel isolation: Landlock only partly supported by this Linux; file access is restricted where it can be"
+        ),
+        LandlockSupport::None => tracing::warn!(
+            "kernel isolation: Landlock is not available on this Linux, so kernels can read and write \
+             whatever the server's user can. Remaining protection: resource limits, own process group, \
+             private runtime folder{}",
+            if config.no_network {
+                ", no network"
+            } else {
+                ""
+            }
+        ),
+    }
+    match cgroups {
+        Some(CgroupRoot::V2(d)) => {
+            tracing::info!("kernel limits: cgroup v2 at {} (memory, pids)", d.display())
+        }
+        Some(CgroupRoot::V1 { memory, pids }) => tracing::info!(
+            "kernel limits: cgroup v1 at {} (memory{})",
+            memory.display(),
+            if pids.is_some() {
+                ", pids"
+            } else {
+                "; no pids controller"
+            }
+        ),
+        None => tracing::warn!(
+            "kernel limits: no writable cgroup hierarchy; memory is limited with RLIMIT_AS and the \
+             number of processes is not limited"
+        ),
+    }
+    let mut read_only: Vec<PathBuf> = sandbox::SYSTEM_READ.iter().map(PathBuf::from).collect();
+    read_only.extend(python.prefixes.iter().cloned());
+    if let Some(bin) = &python.bin_dir
+        && let Some(env) = bin.parent()
+    {
+        read_only.push(env.to_path_buf());
+    }
+    Some(SandboxSettings {
+        exe,
+        landlock: landlock != LandlockSupport::None,
+        no_network: config.no_network,
+        read_only,
+        memory_bytes: config.kernel_memory_bytes,
+        max_pids: config.kernel_max_pids,
+        file_size_bytes: Some(config.max_session_bytes),
+        cgroups: cgroups.clone(),
+    })
+}
+
 /// Environment of every kernel.
 fn kernel_env(python: &KernelPython, inherited_path: &str) -> HashMap<String, String> {
     let mut env = HashMap::new();
@@ -258,6 +341,9 @@ fn kernel_env(python: &KernelPython, inherited_path: &str) -> HashMap<String, St
     env.insert("JUPYTER_PLATFORM_DIRS".into(), "1".into());
     env.insert("PYTHONUNBUFFERED".into(), "1".into());
     env.insert("PYDEVD_DISABLE_FILE_VALIDATION".into(), "1".into());
+    if let Some(mpl) = &python.mpl_config {
+        env.insert("MPLCONFIGDIR".into(), mpl.display().to_string());
+    }
     env
 }
 

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::local::StderrTail;
 use super::{Command, ExecEnd, ExecMessage, KernelError, KernelEvent, MimeData};
+use crate::sandbox::cgroup::KernelCgroup;
 
 /// How long a kernel gets to exit after a shutdown request before SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -32,8 +33,11 @@ const READ_CHANNEL: usize = 64;
 pub(crate) struct StartupFiles {
     pub info: ConnectionInfo,
     pub startup_code: String,
-    /// Connection file and IPC sockets, removed when the kernel is gone.
-    pub remove_on_exit: Vec<PathBuf>,
+    /// The kernel's private folder (connection file, sockets, TMPDIR),
+    /// removed when the kernel is gone.
+    pub private_dir: PathBuf,
+    /// The kernel's cgroups, removed when the kernel is gone.
+    pub cgroup: Option<KernelCgroup>,
     pub start_timeout: Duration,
     pub stderr_tail: StderrTail,
 }
@@ -106,8 +110,9 @@ impl Actor {
                 self.kill().await;
             }
         }
-        for f in &files.remove_on_exit {
-            let _ = tokio::fs::remove_file(f).await;
+        let _ = tokio::fs::remove_dir_all(&files.private_dir).await;
+        if let Some(cg) = &files.cgroup {
+            cg.remove();
         }
     }
 

@@ -22,6 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use super::actor::{Actor, StartupFiles};
 use super::{BoxFuture, KernelError, KernelFactory, KernelHandle};
+use crate::sandbox::cgroup::CgroupRoot;
+use crate::sandbox::{SPEC_ENV, SYSTEM_WRITE, SandboxSpec, WRAPPER_ARG};
 
 /// Python run in every kernel before the user's first line (silently).
 const STARTUP_CODE: &str = include_str!("startup.py");
@@ -37,6 +39,24 @@ pub struct LocalKernelConfig {
     pub env: HashMap<String, String>,
     /// How long a kernel may take to answer its first request.
     pub start_timeout: Duration,
+    /// Isolation for kernels; `None` runs them unconfined.
+    pub sandbox: Option<SandboxSettings>,
+}
+
+/// How kernels are confined (see [`crate::sandbox`]).
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    /// Our own binary, which wraps the kernel (`__kernel-sandbox`).
+    pub exe: PathBuf,
+    pub landlock: bool,
+    pub no_network: bool,
+    /// System folders and the Python installation.
+    pub read_only: Vec<PathBuf>,
+    pub memory_bytes: u64,
+    pub max_pids: u64,
+    pub file_size_bytes: Option<u64>,
+    /// Where per-kernel cgroups go, if a hierarchy is writable.
+    pub cgroups: Option<CgroupRoot>,
 }
 
 /// Starts ipykernel processes; owns every kernel task it spawned.
@@ -66,10 +86,20 @@ impl LocalKernelFactory {
 
     async fn launch(&self, workdir: &Path) -> Result<KernelHandle, KernelError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let prefix = self.config.runtime_dir.join(format!("k{n}"));
+        // Everything private to this kernel: connection file, IPC sockets,
+        // TMPDIR and HOME. Sandboxed kernels can write here and in their
+        // session folder only, so no kernel can read another's key.
+        let own = self.config.runtime_dir.join(format!("k{n}"));
+        let tmp = own.join("tmp");
+        let site = own.join("site");
+        for d in [&own, &tmp, &site] {
+            create_private_dir(d)
+                .await
+                .map_err(|e| KernelError::Start(format!("creating {}: {e}", d.display())))?;
+        }
         let info = ConnectionInfo {
             transport: Transport::IPC,
-            ip: prefix.to_string_lossy().into_owned(),
+            ip: own.join("s").to_string_lossy().into_owned(),
             stdin_port: 1,
             control_port: 2,
             hb_port: 3,
@@ -79,13 +109,54 @@ impl LocalKernelFactory {
             key: crate::random_token(32),
             kernel_name: Some("python3".into()),
         };
-        let conn_file = self.config.runtime_dir.join(format!("k{n}.json"));
+        let conn_file = own.join("kernel.json");
         let json = serde_json::to_vec(&info).map_err(|e| KernelError::Start(e.to_string()))?;
         write_private(&conn_file, &json)
             .await
             .map_err(|e| KernelError::Start(format!("writing {}: {e}", conn_file.display())))?;
 
-        let mut cmd = tokio::process::Command::new(&self.config.python);
+        let sandbox = self.config.sandbox.as_ref();
+        let cgroup = match sandbox.and_then(|s| s.cgroups.as_ref().map(|c| (s, c))) {
+            Some((s, root)) => match root.kernel(&format!("k{n}"), s.memory_bytes, s.max_pids) {
+                Ok(cg) => Some(cg),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot create the kernel's cgroup ({e}); using RLIMIT_AS for memory"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut cmd = match sandbox {
+            Some(s) => {
+                let spec = SandboxSpec {
+                    read_only: s.read_only.clone(),
+                    read_write: [workdir.to_path_buf(), own.clone()]
+                        .into_iter()
+                        .chain(SYSTEM_WRITE.iter().map(PathBuf::from))
+                        .collect(),
+                    landlock: s.landlock,
+                    no_network: s.no_network,
+                    file_size_bytes: s.file_size_bytes,
+                    address_space_bytes: cgroup.is_none().then_some(s.memory_bytes),
+                    cgroup_procs: cgroup.as_ref().map(|c| c.procs.clone()).unwrap_or_default(),
+                    private_tmp: Some(tmp.clone()),
+                };
+                let spec =
+                    serde_json::to_string(&spec).map_err(|e| KernelError::Start(e.to_string()))?;
+                let mut cmd = tokio::process::Command::new(&s.exe);
+                cmd.arg(WRAPPER_ARG)
+                    .arg(&self.config.python)
+                    .env(SPEC_ENV, spec)
+                    // Packages from `!pip install` go to the kernel's own folder:
+                    // the shared environment is read-only for sandboxed kernels.
+                    .env("PIP_TARGET", &site)
+                    .env("PYTHONPATH", &site);
+                cmd
+            }
+            None => tokio::process::Command::new(&self.config.python),
+        };
         cmd.arg("-m")
             .arg("ipykernel_launcher")
             .arg("-f")
@@ -95,14 +166,27 @@ impl LocalKernelFactory {
             .current_dir(workdir)
             .envs(&self.config.env)
             .env("JPY_PARENT_PID", std::process::id().to_string())
+            .env("TMPDIR", &tmp)
+            .env("HOME", &tmp)
+            .env("IPYTHONDIR", tmp.join("ipython"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| {
-            KernelError::Start(format!("cannot run {}: {e}", self.config.python.display()))
-        })?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                let _ = tokio::fs::remove_dir_all(&own).await;
+                return Err(KernelError::Start(format!(
+                    "cannot run {}: {e}",
+                    self.config.python.display()
+                )));
+            }
+        };
         let pid = child.id();
         let stderr_tail = StderrTail::default();
         if let Some(stderr) = child.stderr.take() {
@@ -116,14 +200,11 @@ impl LocalKernelFactory {
             });
         }
 
-        let mut socket_files: Vec<PathBuf> = (1..=5)
-            .map(|p| PathBuf::from(format!("{}-{p}", info.ip)))
-            .collect();
-        socket_files.push(conn_file);
         let files = StartupFiles {
             info,
             startup_code: STARTUP_CODE.to_string(),
-            remove_on_exit: socket_files,
+            private_dir: own,
+            cgroup,
             start_timeout: self.config.start_timeout,
             stderr_tail,
         };
@@ -166,6 +247,19 @@ impl StderrTail {
         let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
         q.iter().cloned().collect::<Vec<_>>().join("\n")
     }
+}
+
+async fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {

@@ -190,6 +190,15 @@ impl Registry {
         }
         let after = session.workspace.snapshot().await;
         let changes = state.baseline.changes(&after);
+        let used = after.total_bytes();
+        if used > self.settings.max_session_bytes && cell.error.is_none() {
+            report.success = false;
+            cell.error = Some(format!(
+                "DiskQuotaError: the session folder holds {used} bytes, over its limit of {} bytes. \
+                 Delete files you no longer need (os.remove) before writing more.",
+                self.settings.max_session_bytes
+            ));
+        }
         state.baseline = after;
 
         report.output = notes.into_iter().map(|n| format!("[{n}]\n")).collect();

@@ -72,6 +72,7 @@ mod tests {
                 interrupt_grace: Duration::from_secs(5),
                 max_output_chars: 20_000,
                 max_sessions: 100,
+                max_session_bytes: 1 << 30,
             },
         ))
     }

@@ -42,6 +42,8 @@ pub struct SessionSettings {
     pub max_output_chars: usize,
     /// Most live sessions at once.
     pub max_sessions: usize,
+    /// Disk quota of one session folder.
+    pub max_session_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

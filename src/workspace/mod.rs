@@ -152,6 +152,11 @@ impl Snapshot {
         out
     }
 
+    /// Bytes in all tracked files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.values().map(|(size, _)| size).sum()
+    }
+
     /// Records a file the server itself wrote, so it is not reported twice.
     pub fn insert(&mut self, root: &Path, rel: &str) {
         if let Ok(meta) = std::fs::metadata(root.join(rel)) {
