@@ -1,0 +1,168 @@
+//! Attacks from inside a kernel: other sessions' files, the server's data,
+//! other kernels' connection keys, the network, memory and disk.
+//!
+//! Every write a payload attempts targets a path inside the test's own
+//! temporary folder, so a failed defence cannot harm anything outside it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Transport, start};
+use serde_json::json;
+
+fn err(v: &serde_json::Value) -> String {
+    v["error"].as_str().unwrap_or("").to_string()
+}
+
+/// The kernel either may not touch the path or does not even see it.
+fn refused(v: &serde_json::Value) -> bool {
+    let e = err(v);
+    e.starts_with("PermissionError") || e.starts_with("FileNotFoundError")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kernels_cannot_reach_other_sessions_or_server_data() {
+    let s = start(Transport::Stdio, &[]).await;
+    let root = s.data_dir.path().to_path_buf();
+    let (victim, _) = s
+        .new_session("open('secret.txt','w').write('victim data')")
+        .await;
+    let (attacker, _) = s.new_session("import os, glob").await;
+    let secret = root.join(&victim).join("secret.txt");
+    let outside = root.join("planted.txt");
+
+    // Read another session's file.
+    let v = s
+        .exec(
+            &attacker,
+            &format!("open({:?}).read()", secret.display().to_string()),
+        )
+        .await;
+    assert!(refused(&v), "{v}");
+    // List the data folder (learns other session ids).
+    let v = s
+        .exec(
+            &attacker,
+            &format!(
+                "[n for n in os.listdir({:?}) if n != os.path.basename(os.getcwd())]",
+                root.display().to_string()
+            ),
+        )
+        .await;
+    assert!(refused(&v) || v["result"] == "[]", "{v}");
+    // Write next to the sessions, or into the victim's folder: whatever the
+    // kernel sees at those paths, the real folders stay untouched.
+    for target in [outside.clone(), root.join(&victim).join("planted.txt")] {
+        s.exec(
+            &attacker,
+            &format!("open({:?}, 'w').write('x')", target.display().to_string()),
+        )
+        .await;
+        assert!(!target.exists(), "{} was written", target.display());
+    }
+    // Delete the victim's file.
+    let v = s
+        .exec(
+            &attacker,
+            &format!("os.remove({:?})", secret.display().to_string()),
+        )
+        .await;
+    assert!(refused(&v), "{v}");
+    // Other kernels' connection files (their HMAC keys) are out of reach.
+    let v = s
+        .exec(
+            &attacker,
+            "own = os.path.dirname(os.environ['TMPDIR'])\n\
+             [p for p in glob.glob('/tmp/mcp-python-interpreter-*/k*/kernel.json') if not p.startswith(own + '/')]",
+        )
+        .await;
+    assert_eq!(v["result"], "[]", "{v}");
+    // The home folder and its data are not readable.
+    let v = s
+        .exec(&attacker, "os.listdir(os.path.expanduser('~root'))")
+        .await;
+    assert!(refused(&v), "{v}");
+    // Its own folder works as usual.
+    let v = s
+        .exec(
+            &attacker,
+            "open('mine.txt','w').write('ok'); open('mine.txt').read()",
+        )
+        .await;
+    assert_eq!(v["result"], "'ok'", "{v}");
+
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "victim data");
+    assert!(!outside.exists());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_network_blocks_connections() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let probe = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\ns.close()\n'connected'"
+    );
+    let open = start(Transport::Stdio, &[]).await;
+    let (id, _) = open.new_session("1").await;
+    assert_eq!(open.exec(&id, &probe).await["result"], "'connected'");
+    open.stop().await;
+
+    let closed = start(Transport::Stdio, &["--no-network"]).await;
+    let (id, _) = closed.new_session("1").await;
+    let v = closed.exec(&id, &probe).await;
+    assert_eq!(v["success"], false, "{v}");
+    assert!(err(&v).contains("Error"), "{v}");
+    closed.stop().await;
+    drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_and_disk_limits_hold() {
+    let s = start(
+        Transport::Stdio,
+        &["--kernel-memory-limit", "400", "--max-session-mb", "2"],
+    )
+    .await;
+    let (id, _) = s.new_session("x = 1").await;
+    let t0 = std::time::Instant::now();
+    let v = s
+        .exec(
+            &id,
+            "b = bytearray(1500 * 1024 * 1024)\nb[::4096] = b'x' * len(b[::4096])",
+        )
+        .await;
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    let e = err(&v);
+    assert!(
+        e.starts_with("MemoryError") || e.starts_with("KernelDiedError"),
+        "{v}"
+    );
+    // The server and the session go on.
+    assert_eq!(s.exec(&id, "1 + 1").await["result"], "2");
+
+    // One file over the quota cannot be written; the folder over it is reported.
+    let v = s
+        .exec(&id, "open('big.bin','wb').write(b'0' * (3 * 1024 * 1024))")
+        .await;
+    assert!(err(&v).contains("File too large"), "{v}");
+    let v = s
+        .exec(
+            &id,
+            "for k in range(3): open(f'part{k}.bin','wb').write(b'0' * (1024 * 1024))",
+        )
+        .await;
+    assert!(err(&v).starts_with("DiskQuotaError"), "{v}");
+    let l = s
+        .call("list_session_files", json!({"session_id": id}))
+        .await;
+    assert!(
+        l.structured_content.unwrap()["files"]
+            .as_array()
+            .unwrap()
+            .len()
+            >= 3
+    );
+    s.stop().await;
+}
