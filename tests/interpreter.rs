@@ -179,7 +179,8 @@ async fn core_over_http() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn resources_refuse_everything_outside_the_session() {
-    let s = start(Transport::Stdio, &[]).await;
+    // Boxed: hostile ids such as "/etc" are sent to clear_session below.
+    let s = common::start_boxed(Transport::Stdio, &[], None).await;
     let (id, _) = s
         .new_session("import os\nopen('ok.txt','w').write('ok')\nos.symlink('/etc/passwd','link')")
         .await;

@@ -23,7 +23,7 @@ fn refused(v: &serde_json::Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kernels_cannot_reach_other_sessions_or_server_data() {
-    let s = start(Transport::Stdio, &[]).await;
+    let s = common::start_boxed(Transport::Stdio, &[], None).await;
     let root = s.data_dir.path().to_path_buf();
     let (victim, _) = s
         .new_session("open('secret.txt','w').write('victim data')")

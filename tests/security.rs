@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Transport, connect_http, start_with_token};
+use common::{Transport, connect_http, start_boxed};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -49,9 +49,10 @@ async fn raw_status(url: &str, headers: &[(&str, &str)]) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bearer_tokens_and_ownership() {
-    let dir = tempfile::tempdir().unwrap();
+    // Not under /tmp, which the boxed server does not see.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let file = tokens_file(dir.path());
-    let s = start_with_token(Transport::Http, &["--tokens-file", &file], Some(ALICE)).await;
+    let s = start_boxed(Transport::Http, &["--tokens-file", &file], Some(ALICE)).await;
     let url = s.url.clone().unwrap();
 
     // No token, a wrong token: refused before any MCP processing.
@@ -118,7 +119,7 @@ async fn bearer_tokens_and_ownership() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn foreign_origins_are_refused() {
-    let s = common::start(Transport::Http, &[]).await;
+    let s = start_boxed(Transport::Http, &[], None).await;
     let url = s.url.clone().unwrap();
     assert_eq!(
         raw_status(&url, &[("Origin", "http://evil.example")]).await,

@@ -40,6 +40,55 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
     start_with_token(transport, extra, None).await
 }
 
+/// Like [`start`], but the server runs under bubblewrap with a read-only
+/// root, a private /tmp and only its data folder writable, so a defence
+/// that fails under attack cannot harm anything outside that folder.
+/// Without bwrap the server runs unboxed, unless `MCP_TEST_REQUIRE_BWRAP`
+/// is set (as `scripts/test` does), which makes that a failure.
+pub async fn start_boxed(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
+    start_inner(transport, extra, token, true).await
+}
+
+fn bwrap_available() -> bool {
+    let found = std::process::Command::new("bwrap")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found && std::env::var_os("MCP_TEST_REQUIRE_BWRAP").is_some() {
+        panic!("bubblewrap (bwrap) is required for the attack tests: apt-get install bubblewrap");
+    }
+    found
+}
+
+/// The command that runs the server, boxed or not.
+fn server_command(data_dir: &std::path::Path, boxed: bool) -> Command {
+    if boxed && bwrap_available() {
+        let mut cmd = Command::new("bwrap");
+        cmd.args([
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--tmpfs",
+            "/tmp",
+        ])
+        .arg("--bind")
+        .arg(data_dir)
+        .arg(data_dir)
+        .args(["--die-with-parent", "--"])
+        .arg(BIN);
+        cmd
+    } else {
+        Command::new(BIN)
+    }
+}
+
 /// Connects a client to an HTTP server, with a bearer token if given.
 pub async fn connect_http(url: &str, token: Option<&str>) -> Result<Client, String> {
     use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -54,12 +103,21 @@ pub async fn connect_http(url: &str, token: Option<&str>) -> Result<Client, Stri
 
 /// Starts a server; over HTTP the client authenticates with `token`.
 pub async fn start_with_token(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
+    start_inner(transport, extra, token, false).await
+}
+
+async fn start_inner(
+    transport: Transport,
+    extra: &[&str],
+    token: Option<&str>,
+    boxed: bool,
+) -> Server {
     let data_dir = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.path().display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     match transport {
         Transport::Stdio => {
-            let mut cmd = Command::new(BIN);
+            let mut cmd = server_command(data_dir.path(), boxed);
             cmd.arg("--transport")
                 .arg("stdio")
                 .args(&args)
@@ -79,7 +137,7 @@ pub async fn start_with_token(transport: Transport, extra: &[&str], token: Optio
             }
         }
         Transport::Http => {
-            let mut child = Command::new(BIN)
+            let mut child = server_command(data_dir.path(), boxed)
                 .args(["--transport", "http", "--host", "127.0.0.1", "--port", "0"])
                 .args(&args)
                 .env("LOG_LEVEL", "error")
@@ -157,11 +215,11 @@ impl Server {
             nix::sys::signal::Signal::SIGTERM,
         );
         if let Some(mut child) = self.http.take() {
-            let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+            // A boxed server's status is bwrap's (killed by the signal).
+            tokio::time::timeout(Duration::from_secs(20), child.wait())
                 .await
                 .expect("server did not exit after SIGTERM")
                 .unwrap();
-            assert!(status.success() || status.code().is_some(), "{status:?}");
         }
         let _ = self.client.cancel().await;
     }
