@@ -196,6 +196,12 @@ async fn serve_http(
     // Tests and scripts read this line to find the port when started with --port 0.
     eprintln!("mcp-python-interpreter: listening on http://{local}/mcp");
     tracing::info!("serving MCP over streamable HTTP at http://{local}/mcp");
+    // Headers and body go out as separate writes: without TCP_NODELAY a
+    // client that delays its ACKs would wait ~40 ms per call (Nagle).
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -25,7 +25,9 @@ use super::{Command, ExecEnd, ExecMessage, KernelError, KernelEvent, MimeData};
 use crate::sandbox::cgroup::KernelCgroup;
 
 /// How long a kernel gets to exit after a shutdown request before SIGKILL.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Its state is being discarded anyway, and files are written through, so
+/// waiting long only delays clear_session and expiry.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Capacity of the reader tasks' channels.
 const READ_CHANNEL: usize = 64;
 
