@@ -46,6 +46,10 @@ pub struct Config {
     pub kernel_max_pids: u64,
     /// Disk quota of one session folder (also the largest single file).
     pub max_session_bytes: u64,
+    /// Kernels kept started ahead of demand.
+    pub pool_size: usize,
+    /// Modules imported in pooled kernels.
+    pub preload: Vec<String>,
     /// Most characters of output returned per call (head and tail kept).
     pub max_output_chars: usize,
     /// The server's own PATH, which kernels get after their environment's `bin`.

@@ -93,6 +93,13 @@ struct Args {
     /// Disk quota of each session folder in MiB (also the largest single file).
     #[arg(long, default_value_t = 1024, env = "MCP_MAX_SESSION_BYTES")]
     max_session_mb: u64,
+    /// Kernels kept started and ready, so a new session does not wait for one.
+    /// Each is used by exactly one session and never returned.
+    #[arg(long, default_value_t = 1, env = "MCP_POOL_SIZE")]
+    pool_size: usize,
+    /// Modules imported in pooled kernels before use, e.g. numpy,pandas,matplotlib.
+    #[arg(long, value_delimiter = ',', env = "MCP_PRELOAD")]
+    preload: Vec<String>,
     /// Log level (error, warn, info, debug, trace), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -181,6 +188,8 @@ fn main() -> anyhow::Result<()> {
         interrupt_grace: Duration::from_secs_f64(args.interrupt_grace),
         max_output_chars: args.max_output_chars,
         max_sessions: args.max_sessions,
+        pool_size: args.pool_size,
+        preload: args.preload,
         sandbox: !args.no_sandbox,
         no_network: args.no_network,
         kernel_memory_bytes: args.kernel_memory_limit * 1024 * 1024,

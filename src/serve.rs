@@ -24,6 +24,7 @@ use crate::kernel::LocalKernelFactory;
 use crate::kernel::local::{LocalKernelConfig, SandboxSettings};
 use crate::mcp::Interpreter;
 use crate::sandbox::{self, LandlockSupport, cgroup::CgroupRoot};
+use crate::session::pool::{self, PoolSettings};
 use crate::session::{Registry, SessionSettings, expiry};
 
 /// Largest HTTP request body accepted (code and arguments).
@@ -95,6 +96,14 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
     tracker.spawn(expiry::run(
         registry.clone(),
         config.cleanup_interval,
+        shutdown.child_token(),
+    ));
+    tracker.spawn(pool::run(
+        registry.clone(),
+        PoolSettings {
+            size: config.pool_size,
+            preload: config.preload.clone(),
+        },
         shutdown.child_token(),
     ));
     tracker.spawn(watch_signals(shutdown.clone()));

@@ -729,9 +729,9 @@ async fn output_flood_keeps_server_memory_bounded() {
     let s = start(Transport::Stdio, &[]).await;
     let (id, _) = s.new_session("1").await;
     let v = s.exec(&id, "print('x' * 200_000_000)").await;
-    assert_eq!(v["success"], true, "{v}");
-    let f = &v["files"][0];
-    assert_eq!(f["size"], 200_000_001, "{v}");
+    assert_eq!(v["success"], true, "{}", v["error"]);
+    // Every byte arrives, even while the server reads more slowly than the kernel writes.
+    assert_eq!(v["files"][0]["size"], 200_000_001, "{}", v["files"]);
     let v = s
         .exec(&id, "for i in range(100_000): print('line', i, 'y' * 100)")
         .await;

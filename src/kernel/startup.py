@@ -16,6 +16,18 @@ def __mcp_interpreter_setup():
     except ImportError:
         return
     ip = get_ipython()  # noqa: F821 (defined in every IPython kernel)
+
+    # A PUB socket drops messages beyond its high-water mark (1000) when the
+    # server reads more slowly than the kernel prints: output would be lost.
+    # Lift the mark (libzmq applies it to existing connections too); the
+    # kernel's memory stays bounded by its memory limit instead.
+    try:
+        import zmq
+
+        iopub = ip.kernel.iopub_thread
+        iopub.schedule(lambda: iopub.socket.setsockopt(zmq.SNDHWM, 0))
+    except Exception:
+        pass
     # IPython 9 "tees" every write of a cell into the history (in memory, for
     # %history -o) by patching each stream's `write` for the cell. That keeps
     # all output of a flood in the kernel's memory and hides our class-level

@@ -12,6 +12,7 @@ mod execute;
 pub mod expiry;
 pub mod id;
 pub mod output;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use crate::workspace::{Snapshot, Workspace};
 
 pub use execute::{CallControl, ExecutionReport, ProgressUpdate};
 pub use id::SessionId;
+use pool::{Pool, Prepared};
 
 /// What the registry needs to know, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -63,6 +65,8 @@ pub enum SessionError {
 /// The live sessions.
 pub struct Registry {
     sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
+    /// Kernels started ahead of demand (see [`pool`]).
+    pool: Pool,
     /// Sessions whose kernel is starting (not yet in `sessions`).
     starting: std::sync::atomic::AtomicUsize,
     factory: Arc<dyn KernelFactory>,
@@ -95,6 +99,7 @@ struct State {
 impl Registry {
     pub fn new(factory: Arc<dyn KernelFactory>, settings: SessionSettings) -> Self {
         Self {
+            pool: Pool::default(),
             sessions: Mutex::new(HashMap::new()),
             starting: std::sync::atomic::AtomicUsize::new(0),
             factory,
@@ -124,14 +129,13 @@ impl Registry {
             }
             guard
         };
-        let id = SessionId::generate();
-        let workspace = Workspace::create(self.settings.data_dir.join(id.as_str())).await?;
-        let kernel = match self.factory.start(workspace.root()).await {
-            Ok(k) => k,
-            Err(e) => {
-                let _ = workspace.remove().await;
-                return Err(e.into());
-            }
+        let Prepared {
+            id,
+            workspace,
+            kernel,
+        } = match self.pool.take() {
+            Some(p) => p,
+            None => self.prepare().await?,
         };
         let baseline = workspace.snapshot().await;
         let session = Arc::new(Session {
@@ -149,6 +153,23 @@ impl Registry {
         self.map().insert(id, session.clone());
         tracing::info!(session = %session.id, "session created");
         Ok(session)
+    }
+
+    /// A new id, its folder, and a kernel started in it.
+    pub(crate) async fn prepare(&self) -> Result<Prepared, SessionError> {
+        let id = SessionId::generate();
+        let workspace = Workspace::create(self.settings.data_dir.join(id.as_str())).await?;
+        match self.factory.start(workspace.root()).await {
+            Ok(kernel) => Ok(Prepared {
+                id,
+                workspace,
+                kernel,
+            }),
+            Err(e) => {
+                let _ = workspace.remove().await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Looks a client-supplied id up for `caller`. Malformed, unknown, expired
@@ -209,6 +230,12 @@ impl Registry {
     pub async fn shutdown(&self) {
         let all: Vec<Arc<Session>> = self.map().drain().map(|(_, s)| s).collect();
         let mut set = tokio::task::JoinSet::new();
+        for p in self.pool.drain() {
+            set.spawn(async move {
+                p.kernel.shutdown().await;
+                let _ = p.workspace.remove().await;
+            });
+        }
         for s in all {
             set.spawn(async move { s.close().await });
         }
