@@ -419,28 +419,131 @@ async fn plotly_show_and_pip_install_work() {
     s.stop().await;
 }
 
+/// Every process whose parent is `pid` (kernels, pooled ones included).
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 /// No kernel outlives the server: SIGTERM shuts kernels down, and after a
-/// SIGKILL the kernels notice their parent is gone.
+/// SIGKILL the kernels notice their parent is gone. Pooled kernels too.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_kernel_outlives_the_server() {
     for signal in [
         nix::sys::signal::Signal::SIGTERM,
         nix::sys::signal::Signal::SIGKILL,
     ] {
-        let s: Server = start(Transport::Http, &[]).await;
+        let s: Server = start(Transport::Http, &["--pool-size", "2"]).await;
         let mut pids = Vec::new();
         for _ in 0..2 {
             let (_, v) = s.new_session("import os; os.getpid()").await;
             pids.push(v["result"].as_str().unwrap().parse::<i32>().unwrap());
         }
+        // Wait (bounded) until the pool has refilled: 2 sessions + 2 pooled.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while children_of(s.pid).len() < 4 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let kernels = children_of(s.pid);
+        assert!(kernels.len() >= 4, "{kernels:?}");
+        for p in &pids {
+            assert!(kernels.contains(p));
+        }
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid as i32), signal);
-        for pid in pids {
+        for pid in kernels {
             assert!(
                 common::wait_gone(pid, Duration::from_secs(10)).await,
                 "kernel {pid} outlived the server after {signal}"
             );
         }
     }
+}
+
+/// Pooled kernels: a new session takes a prepared one (its folder existed
+/// before the call), and no state passes from one session to the next.
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_sessions_are_fresh_and_never_reused() {
+    let s = start(
+        Transport::Stdio,
+        &["--pool-size", "1", "--preload", "numpy,matplotlib"],
+    )
+    .await;
+    let folders = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    };
+    let mut seen_pids = Vec::new();
+    for round in 0..3 {
+        // Wait (bounded) until the pool holds its prepared session.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while folders(s.data_dir.path()).is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let prepared = folders(s.data_dir.path());
+        assert_eq!(prepared.len(), 1, "round {round}: {prepared:?}");
+        let (id, v) = s
+            .new_session(
+                "import os, sys
+(os.getpid(), 'leak' in globals(), 'numpy' in sys.modules, 'numpy' in globals())",
+            )
+            .await;
+        assert_eq!(
+            prepared[0], id,
+            "the new session did not come from the pool"
+        );
+        let r = v["result"].as_str().unwrap().to_string();
+        assert!(r.ends_with(", False, True, False)"), "{r}");
+        let pid = r
+            .trim_start_matches('(')
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(!seen_pids.contains(&pid), "kernel {pid} reused");
+        seen_pids.push(pid);
+        s.exec(&id, "leak = 1").await;
+        s.call("clear_session", json!({"session_id": id})).await;
+    }
+
+    // A pooled kernel that dies while waiting is discarded, not handed out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while children_of(s.pid).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pooled = children_of(s.pid);
+    assert_eq!(pooled.len(), 1, "{pooled:?}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pooled[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(common::wait_gone(pooled[0], Duration::from_secs(10)).await);
+    let (_, v) = s.new_session("40 + 2").await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["result"], "42", "{v}");
+    let text = v.to_string();
+    assert!(
+        !text.contains("KernelDied") && !text.contains("lost"),
+        "{v}"
+    );
+    s.stop().await;
 }
 
 /// `--python PATH` runs kernels with an existing interpreter; one without

@@ -6,6 +6,8 @@
 //! An execution ends at the iopub `idle` status whose parent is our request.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use jupyter_protocol::{
@@ -63,6 +65,8 @@ pub(crate) struct Actor {
     child: Child,
     commands: mpsc::Receiver<Command>,
     cancel: CancellationToken,
+    /// Shared with the handles: set once the process has exited.
+    exited: Arc<AtomicBool>,
 }
 
 impl Actor {
@@ -70,11 +74,13 @@ impl Actor {
         child: Child,
         commands: mpsc::Receiver<Command>,
         cancel: CancellationToken,
+        exited: Arc<AtomicBool>,
     ) -> Self {
         Self {
             child,
             commands,
             cancel,
+            exited,
         }
     }
 
@@ -188,6 +194,7 @@ impl Actor {
                         Err(e) => e.to_string(),
                     };
                     tracing::info!("kernel process ended: {detail}");
+                    self.exited.store(true, Ordering::SeqCst);
                     if let Some(run) = running.take() {
                         let _ = run.events.send(ExecMessage::End(ExecEnd::Died { detail: detail.clone() })).await;
                     }

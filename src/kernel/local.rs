@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use jupyter_protocol::ConnectionInfo;
@@ -210,10 +211,11 @@ impl LocalKernelFactory {
         };
         let (tx, rx) = mpsc::channel(16);
         let (ready_tx, ready_rx) = oneshot::channel();
-        let actor = Actor::new(child, rx, self.shutdown.child_token());
+        let exited = Arc::new(AtomicBool::new(false));
+        let actor = Actor::new(child, rx, self.shutdown.child_token(), exited.clone());
         self.tracker.spawn(actor.run(files, ready_tx));
         match ready_rx.await {
-            Ok(Ok(())) => Ok(KernelHandle::new(tx, pid)),
+            Ok(Ok(())) => Ok(KernelHandle::new(tx, pid, exited)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(KernelError::Start(
                 "kernel task ended during start-up".into(),

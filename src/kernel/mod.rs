@@ -12,6 +12,8 @@ pub mod local;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -92,6 +94,8 @@ pub struct KernelHandle {
     tx: mpsc::Sender<Command>,
     /// Process id, for logs and tests.
     pid: Option<u32>,
+    /// Set by the owning task when the process has exited.
+    exited: Arc<AtomicBool>,
 }
 
 /// Capacity of one execution's event channel. The owning task waits when it
@@ -99,12 +103,21 @@ pub struct KernelHandle {
 const EXEC_CHANNEL: usize = 256;
 
 impl KernelHandle {
-    pub(crate) fn new(tx: mpsc::Sender<Command>, pid: Option<u32>) -> Self {
-        Self { tx, pid }
+    pub(crate) fn new(
+        tx: mpsc::Sender<Command>,
+        pid: Option<u32>,
+        exited: Arc<AtomicBool>,
+    ) -> Self {
+        Self { tx, pid, exited }
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// False once the kernel process has exited or its task has stopped.
+    pub fn is_alive(&self) -> bool {
+        !self.tx.is_closed() && !self.exited.load(Ordering::SeqCst)
     }
 
     /// Starts running `code`; events arrive on the returned stream.

@@ -57,7 +57,7 @@ mod tests {
                         }
                     }
                 });
-                Ok(KernelHandle::new(tx, None))
+                Ok(KernelHandle::new(tx, None, Default::default()))
             })
         }
     }

@@ -133,7 +133,7 @@ impl Registry {
             id,
             workspace,
             kernel,
-        } = match self.pool.take() {
+        } = match self.pool.take().await {
             Some(p) => p,
             None => self.prepare().await?,
         };

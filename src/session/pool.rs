@@ -26,30 +26,105 @@ pub(crate) struct Prepared {
 
 #[derive(Default)]
 pub(crate) struct Pool {
-    ready: Mutex<VecDeque<Prepared>>,
-    /// Woken when an entry is taken.
+    state: Mutex<PoolState>,
+    /// Woken when an entry is taken (the refill task waits on it).
     taken: Notify,
+    /// Woken when a preparation ends (creators waiting for it).
+    filled: Notify,
+}
+
+#[derive(Default)]
+struct PoolState {
+    ready: VecDeque<Prepared>,
+    /// Entries being prepared right now.
+    preparing: usize,
+    /// Creators waiting for one of those.
+    waiting: usize,
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Prepared>> {
-        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn take(&self) -> Option<Prepared> {
-        let p = self.lock().pop_front();
-        if p.is_some() {
-            self.taken.notify_one();
+    /// A prepared entry: one that is ready, or one being prepared if no other
+    /// creator is already waiting for it (it is further along than a kernel
+    /// started now would be). `None` when the caller should start its own.
+    pub(crate) async fn take(&self) -> Option<Prepared> {
+        loop {
+            let step = {
+                let mut st = self.lock();
+                if let Some(p) = st.ready.pop_front() {
+                    Step::Take(p)
+                } else if st.waiting >= st.preparing {
+                    Step::Own
+                } else {
+                    st.waiting += 1;
+                    // Registered before the lock is released, so the wake-up
+                    // of a preparation that ends meanwhile is not missed.
+                    let mut n = Box::pin(self.filled.notified());
+                    n.as_mut().enable();
+                    Step::Wait(n)
+                }
+            };
+            match step {
+                Step::Take(p) => {
+                    self.taken.notify_one();
+                    if p.kernel.is_alive() {
+                        return Some(p);
+                    }
+                    // Died while waiting in the pool: discard it, try again.
+                    p.kernel.shutdown().await;
+                    let _ = p.workspace.remove().await;
+                }
+                Step::Own => return None,
+                Step::Wait(notified) => {
+                    // Counted out again even if this future is dropped (the
+                    // client cancelled its call), so the count never drifts.
+                    let _waiting = WaitingGuard(self);
+                    notified.await;
+                }
+            }
         }
-        p
     }
 
     pub(crate) fn drain(&self) -> Vec<Prepared> {
-        self.lock().drain(..).collect()
+        self.lock().ready.drain(..).collect()
     }
 
-    fn len(&self) -> usize {
-        self.lock().len()
+    fn len_with_preparing(&self) -> usize {
+        let st = self.lock();
+        st.ready.len() + st.preparing
+    }
+
+    fn begin(&self) {
+        self.lock().preparing += 1;
+    }
+
+    /// A preparation ended, with an entry or without.
+    fn end(&self, prepared: Option<Prepared>) {
+        {
+            let mut st = self.lock();
+            st.preparing -= 1;
+            if let Some(p) = prepared {
+                st.ready.push_back(p);
+            }
+        }
+        self.filled.notify_waiters();
+    }
+}
+
+enum Step<'a> {
+    Take(Prepared),
+    Own,
+    Wait(std::pin::Pin<Box<tokio::sync::futures::Notified<'a>>>),
+}
+
+struct WaitingGuard<'a>(&'a Pool);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting -= 1;
     }
 }
 
@@ -69,10 +144,14 @@ pub async fn run(registry: Arc<Registry>, settings: PoolSettings, cancel: Cancel
     let preload = preload_code(&settings.preload);
     let mut failures = 0u32;
     loop {
-        while registry.pool.len() < settings.size && !cancel.is_cancelled() {
+        while registry.pool.len_with_preparing() < settings.size && !cancel.is_cancelled() {
+            registry.pool.begin();
             let prepared = tokio::select! {
                 p = registry.prepare() => p,
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    registry.pool.end(None);
+                    return;
+                }
             };
             match prepared {
                 Ok(p) => {
@@ -80,9 +159,10 @@ pub async fn run(registry: Arc<Registry>, settings: PoolSettings, cancel: Cancel
                         run_silently(&p.kernel, code).await;
                     }
                     failures = 0;
-                    registry.pool.lock().push_back(p);
+                    registry.pool.end(Some(p));
                 }
                 Err(e) => {
+                    registry.pool.end(None);
                     failures += 1;
                     tracing::warn!("could not start a pooled kernel: {e}");
                     // Back off (bounded) instead of spinning on a broken setup.
