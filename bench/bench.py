@@ -48,11 +48,11 @@ import urllib.parse
 # Iterations: full run and --quick (smoke).
 FULL = dict(
     kernel_starts=5, graceful_shutdowns=2, new_sessions=10, warm_calls=300, warm_rounds=4, noop_calls=100,
-    nagle_calls=20, plot_calls=20, par_sessions=8, par_calls=20, par_reps=3,
+    nagle_calls=20, plot_calls=20, par_sessions=8, par_calls=20, par_reps=3, many_files_calls=100,
 )  # fmt: skip
 QUICK = dict(
     kernel_starts=2, graceful_shutdowns=1, new_sessions=3, warm_calls=40, warm_rounds=2, noop_calls=20,
-    nagle_calls=5, plot_calls=5, par_sessions=8, par_calls=5, par_reps=1,
+    nagle_calls=5, plot_calls=5, par_sessions=8, par_calls=5, par_reps=1, many_files_calls=10,
 )  # fmt: skip
 WARMUP_CALLS = 20  # untimed calls before a warm-latency series
 CALL_TIMEOUT = 60.0  # one execute_code / one raw execution
@@ -68,6 +68,11 @@ PLOT_IMPORT = "import matplotlib.pyplot as plt"
 PLOT = "import matplotlib.pyplot as plt; plt.plot([1,2,3]); plt.savefig('p.png'); plt.show()"
 GETPID = "import os; os.getpid()"
 BACKEND = "import matplotlib; matplotlib.get_backend()"
+MANY_FILES = 5000  # files in the session folder for the change-detection row
+MAKE_FILES = (
+    "import os\nfor d in range(50):\n    os.makedirs(f'many/{d}', exist_ok=True)\n"
+    "    for i in range(100):\n        open(f'many/{d}/{i}.txt', 'w').write('x')"
+)
 
 # Targets (see the table): ratios are ours / floor.
 T_WARM_STDIO_RATIO = 1.0
@@ -945,6 +950,10 @@ async def measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, 
 
     log(f"  {n['plot_calls']} plots (stdio)")
     st["plot_s"], st["matplotlib_backend"] = await stdio.plot(sid_s, n["plot_calls"])
+
+    log(f"  {n['many_files_calls']} warm calls with {MANY_FILES} files in the session folder (stdio)")
+    await stdio.call(MAKE_FILES, sid_s)
+    st["many_files_trivial_s"] = [(await stdio.call(TRIVIAL, sid_s))[0] for _ in range(n["many_files_calls"])]
     await stdio.clear(sid_s)
     await http.clear(sid_h)
 
@@ -1004,6 +1013,10 @@ def build_rows(floor, ours, pool_pause):
                 "cost; HTTP: keep-alive, TCP_NODELAY, TCP_QUICKACK")  # fmt: skip
         row("warm `x = 1` p50, thin client", transport, "s", m["p50"], f["p50"], note=note)
         row("warm `x = 1` p95, thin client", transport, "s", m["p95"], f["p95"])
+    m = summary(st["many_files_trivial_s"])
+    row(f"warm `x = 1` p50, {MANY_FILES} files in folder", "stdio", "s", m["p50"], fw["x = 1"]["p50"],
+        note="informational: change detection must not grow with the files in a session folder; "
+             "compare with the warm `x = 1` row above")  # fmt: skip
     m = summary(ht["thin_noquickack_warm_trivial_s"])
     row("warm `x = 1` p50, thin, no TCP_QUICKACK", "http", "s", m["p50"], fw["x = 1"]["p50"],
         note="informational: the same thin client leaving ACKs to the delayed-ACK timer; about +40 ms "

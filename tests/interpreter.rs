@@ -177,6 +177,63 @@ async fn core_over_http() {
     core_scenario(Transport::Http).await;
 }
 
+/// Files reported per call: bounded when a cell writes hundreds, and exact
+/// afterwards (written in subfolders, by subprocesses, moved with a folder),
+/// through the sandbox's mounts.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_files_are_bounded_and_changes_stay_exact() {
+    let s = start(Transport::Stdio, &[]).await;
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        let mut n: Vec<String> = v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    let (id, v) = s
+        .new_session(
+            "import os\nos.makedirs('many', exist_ok=True)\n\
+             for i in range(150):\n    open(f'many/{i:03}.txt', 'w').write('x')",
+        )
+        .await;
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(names(&v).len(), 100, "{v}");
+    let output: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    assert_eq!(output.len(), 101, "{output:?}");
+    assert!(output[100].contains("50 more files"), "{output:?}");
+
+    let v = s.exec(&id, "x = 1").await;
+    assert_eq!(names(&v), Vec::<String>::new(), "{v}");
+    let v = s
+        .exec(
+            &id,
+            "open('many/007.txt', 'a').write('y')\n!echo hi > sh.txt",
+        )
+        .await;
+    assert_eq!(names(&v), vec!["many/007.txt", "sh.txt"], "{v}");
+    let v = s
+        .exec(
+            &id,
+            "os.makedirs('n/m')\nopen('n/m/z.txt', 'w').write('z')\nos.remove('sh.txt')",
+        )
+        .await;
+    assert_eq!(names(&v), vec!["n/m/z.txt"], "{v}");
+    let v = s.exec(&id, "os.rename('n', 'k')").await;
+    assert_eq!(names(&v), vec!["k/m/z.txt"], "{v}");
+    let v = s.exec(&id, "open('k/m/z.txt', 'a').write('z')").await;
+    assert_eq!(names(&v), vec!["k/m/z.txt"], "{v}");
+    let l = s
+        .call("list_session_files", json!({"session_id": id}))
+        .await
+        .structured_content
+        .unwrap();
+    assert_eq!(l["files"].as_array().unwrap().len(), 151, "{l}");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn resources_refuse_everything_outside_the_session() {
     // Boxed: hostile ids such as "/etc" are sent to clear_session below.

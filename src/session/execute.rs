@@ -16,6 +16,9 @@ use crate::workspace::{Change, FileInfo};
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Without new output, an update is still sent this often (keeps clients patient).
 const PROGRESS_HEARTBEAT: Duration = Duration::from_secs(5);
+/// At most this many created or changed files are reported by one call (a
+/// cell that writes thousands would otherwise flood the model's context).
+const MAX_REPORTED_FILES: usize = 100;
 /// How much of the newest output a progress update carries.
 const PROGRESS_CHARS: usize = 500;
 
@@ -188,9 +191,8 @@ impl Registry {
                 tracing::warn!(session = %session.id, "could not save a figure: {e}");
             }
         }
-        let after = session.workspace.snapshot().await;
-        let changes = state.baseline.changes(&after);
-        let used = after.total_bytes();
+        let changes = session.workspace.refresh(&mut state.baseline).await;
+        let used = state.baseline.total_bytes();
         if used > self.settings.max_session_bytes && cell.error.is_none() {
             report.success = false;
             cell.error = Some(format!(
@@ -199,10 +201,12 @@ impl Registry {
                 self.settings.max_session_bytes
             ));
         }
-        state.baseline = after;
 
         report.output = notes.into_iter().map(|n| format!("[{n}]\n")).collect();
         report.output.extend(cell.output);
+        let mut changes = changes;
+        let more = changes.len().saturating_sub(MAX_REPORTED_FILES);
+        changes.truncate(MAX_REPORTED_FILES);
         for (f, change) in &changes {
             let verb = match change {
                 Change::Created => "File created",
@@ -211,6 +215,12 @@ impl Registry {
             report
                 .output
                 .push(format!("{verb}: {} ({}, {} bytes)", f.path, f.mime, f.size));
+        }
+        if more > 0 {
+            report.output.push(format!(
+                "… and {more} more files created or changed (not listed here); \
+                 list_session_files lists every file"
+            ));
         }
         report.files = changes.into_iter().map(|(f, _)| f).collect();
         report.result = cell.result;

@@ -1,15 +1,20 @@
 //! Workspaces: the folder of one session on disk, and what changed in it.
 //!
 //! A workspace knows nothing about kernels or MCP. It lists files, tells what
-//! an execution created or changed (by comparing snapshots of size and mtime),
+//! an execution created or changed (a snapshot of size and mtime per file,
+//! brought up to date from inotify's list of touched paths, see [`watch`]),
 //! saves images a kernel displayed, and resolves client paths safely
 //! ([`path::resolve`]).
 
 pub mod path;
+mod watch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+
+use watch::{Changed, Watcher};
 
 pub use path::PathError;
 
@@ -43,6 +48,9 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct Workspace {
     root: PathBuf,
+    /// What changed since the last look; `None` if inotify is unavailable
+    /// (then every look walks the folder).
+    watcher: Arc<Mutex<Option<Watcher>>>,
 }
 
 impl Workspace {
@@ -50,15 +58,19 @@ impl Workspace {
     pub async fn create(root: PathBuf) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let r = root.clone();
-        tokio::task::spawn_blocking(move || {
+        let watcher = tokio::task::spawn_blocking(move || {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
-                .create(&r)
+                .create(&r)?;
+            Ok::<_, std::io::Error>(Watcher::new(&r))
         })
         .await
         .map_err(std::io::Error::other)??;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            watcher: Arc::new(Mutex::new(watcher)),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -73,9 +85,26 @@ impl Workspace {
     /// Walks the folder (symlinks are not followed) and records every file.
     pub async fn snapshot(&self) -> Snapshot {
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || snapshot_blocking(&root))
+        tokio::task::spawn_blocking(move || snapshot_blocking(&root, &mut None))
             .await
             .unwrap_or_default()
+    }
+
+    /// Brings `snap` up to date and returns the files created or changed
+    /// since it was taken. Only the paths inotify reports are looked at; the
+    /// folder is walked when that view is incomplete (see [`watch`]).
+    pub async fn refresh(&self, snap: &mut Snapshot) -> Vec<(FileInfo, Change)> {
+        let root = self.root.clone();
+        let watcher = self.watcher.clone();
+        let prev = std::mem::take(snap);
+        let (next, changes) = tokio::task::spawn_blocking(move || {
+            let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
+            refresh_blocking(&root, &mut watcher, prev)
+        })
+        .await
+        .unwrap_or_default();
+        *snap = next;
+        changes
     }
 
     /// Every file in the folder, sorted by path.
@@ -156,20 +185,72 @@ impl Snapshot {
     pub fn total_bytes(&self) -> u64 {
         self.files.values().map(|(size, _)| size).sum()
     }
+}
 
-    /// Records a file the server itself wrote, so it is not reported twice.
-    pub fn insert(&mut self, root: &Path, rel: &str) {
-        if let Ok(meta) = std::fs::metadata(root.join(rel)) {
-            self.files
-                .insert(rel.to_string(), (meta.len(), meta.modified().ok()));
+fn refresh_blocking(
+    root: &Path,
+    watcher: &mut Option<Watcher>,
+    mut snap: Snapshot,
+) -> (Snapshot, Vec<(FileInfo, Change)>) {
+    let changed = watcher.as_mut().map_or(Changed::Everything, Watcher::drain);
+    match changed {
+        Changed::Nothing => (snap, Vec::new()),
+        Changed::Paths(paths) => {
+            let mut out = Vec::new();
+            for rel in paths {
+                let meta = match std::fs::symlink_metadata(root.join(&rel)) {
+                    Ok(m) if m.is_file() => (m.len(), m.modified().ok()),
+                    // Removed, or no longer a regular file.
+                    _ => {
+                        snap.files.remove(&rel);
+                        continue;
+                    }
+                };
+                let change = match snap.files.get(&rel) {
+                    None if snap.files.len() >= MAX_TRACKED_FILES => {
+                        snap.truncated = true;
+                        continue;
+                    }
+                    None => Change::Created,
+                    Some(old) if *old != meta => Change::Updated,
+                    Some(_) => continue,
+                };
+                out.push((file_info(&rel, meta.0), change));
+                snap.files.insert(rel, meta);
+            }
+            out.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+            (snap, out)
+        }
+        Changed::Everything => {
+            let next = snapshot_blocking(root, watcher);
+            let changes = snap.changes(&next);
+            (next, changes)
         }
     }
 }
 
-fn snapshot_blocking(root: &Path) -> Snapshot {
+/// Walks the folder. With a watcher, (re-)watches every directory before
+/// reading it, so nothing created in it afterwards goes unseen; a watcher
+/// that cannot add a watch (limit reached) is dropped for good.
+fn snapshot_blocking(root: &Path, watcher: &mut Option<Watcher>) -> Snapshot {
     let mut snap = Snapshot::default();
+    if let Some(w) = watcher
+        && w.watch_dir(root, "").is_err()
+    {
+        *watcher = None;
+    }
     for entry in walkdir::WalkDir::new(root).min_depth(1).follow_links(false) {
         let Ok(entry) = entry else { continue };
+        if entry.file_type().is_dir() {
+            if let Some(w) = watcher
+                && let Some(rel) = entry.path().strip_prefix(root).ok().and_then(Path::to_str)
+                && let Err(e) = w.watch_dir(root, rel)
+            {
+                tracing::debug!("cannot watch {rel} ({e}); this folder will be walked");
+                *watcher = None;
+            }
+            continue;
+        }
         if !entry.file_type().is_file() {
             continue;
         }
@@ -242,6 +323,69 @@ mod tests {
         assert_eq!(changes[1].0.path, "sub/new.png");
         assert_eq!(changes[1].1, Change::Created);
         assert_eq!(changes[1].0.mime, "image/png");
+    }
+
+    /// `refresh` (inotify's paths, walks when the tree changes) agrees with
+    /// a full walk after every step, and reports what each step did.
+    #[tokio::test]
+    async fn refresh_follows_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::create(dir.path().join("s")).await.unwrap();
+        assert!(ws.watcher.lock().unwrap().is_some(), "inotify unavailable");
+        let root = ws.root().to_path_buf();
+        std::fs::write(root.join("old.txt"), "1").unwrap();
+        let mut snap = ws.snapshot().await;
+
+        type Step = Box<dyn Fn(&Path)>;
+        let steps: Vec<(Step, Vec<(&str, Change)>)> = vec![
+            (Box::new(|_| {}), vec![]),
+            (
+                Box::new(|r| std::fs::write(r.join("a.csv"), "1").unwrap()),
+                vec![("a.csv", Change::Created)],
+            ),
+            (
+                Box::new(|r| std::fs::write(r.join("a.csv"), "1,2").unwrap()),
+                vec![("a.csv", Change::Updated)],
+            ),
+            (
+                Box::new(|r| {
+                    std::fs::create_dir_all(r.join("d/e")).unwrap();
+                    std::fs::write(r.join("d/e/f.png"), "png").unwrap();
+                }),
+                vec![("d/e/f.png", Change::Created)],
+            ),
+            (
+                Box::new(|r| std::fs::write(r.join("d/e/f.png"), "png2").unwrap()),
+                vec![("d/e/f.png", Change::Updated)],
+            ),
+            (
+                Box::new(|r| std::fs::remove_file(r.join("old.txt")).unwrap()),
+                vec![],
+            ),
+            (
+                Box::new(|r| std::fs::rename(r.join("d"), r.join("g")).unwrap()),
+                vec![("g/e/f.png", Change::Created)],
+            ),
+            (
+                Box::new(|r| std::fs::write(r.join("g/e/h.txt"), "h").unwrap()),
+                vec![("g/e/h.txt", Change::Created)],
+            ),
+        ];
+        for (i, (step, want)) in steps.iter().enumerate() {
+            step(&root);
+            let got: Vec<(String, Change)> = ws
+                .refresh(&mut snap)
+                .await
+                .into_iter()
+                .map(|(f, c)| (f.path, c))
+                .collect();
+            let want: Vec<(String, Change)> =
+                want.iter().map(|(p, c)| (p.to_string(), *c)).collect();
+            assert_eq!(got, want, "step {i}");
+            let walked = ws.snapshot().await;
+            assert_eq!(snap.files, walked.files, "step {i}");
+        }
+        assert!(ws.watcher.lock().unwrap().is_some());
     }
 
     #[tokio::test]

@@ -80,9 +80,14 @@ fn server_command(data_dir: &std::path::Path, boxed: bool) -> Command {
         ])
         .arg("--bind")
         .arg(data_dir)
-        .arg(data_dir)
-        .args(["--die-with-parent", "--"])
-        .arg(BIN);
+        .arg(data_dir);
+        // The checkout (so the binary) and the provisioned kernel environment
+        // may themselves live under /tmp: bind them back, read-only.
+        cmd.args(["--ro-bind", BIN, BIN]);
+        if let Some(xdg) = std::env::var_os("XDG_DATA_HOME") {
+            cmd.arg("--ro-bind-try").arg(&xdg).arg(&xdg);
+        }
+        cmd.args(["--die-with-parent", "--"]).arg(BIN);
         cmd
     } else {
         Command::new(BIN)
