@@ -77,16 +77,16 @@ fn server_command(data_dir: &std::path::Path, boxed: bool) -> Command {
             "/proc",
             "--tmpfs",
             "/tmp",
-        ])
-        .arg("--bind")
-        .arg(data_dir)
-        .arg(data_dir);
-        // The checkout (so the binary) and the provisioned kernel environment
-        // may themselves live under /tmp: bind them back, read-only.
-        cmd.args(["--ro-bind", BIN, BIN]);
+        ]);
+        // The checkout (the binary, files tests write under target/) and the
+        // provisioned kernel environment may themselves live under /tmp: bind
+        // them back read-only. The data folder comes last, writable.
+        let checkout = env!("CARGO_MANIFEST_DIR");
+        cmd.args(["--ro-bind", checkout, checkout]);
         if let Some(xdg) = std::env::var_os("XDG_DATA_HOME") {
             cmd.arg("--ro-bind-try").arg(&xdg).arg(&xdg);
         }
+        cmd.arg("--bind").arg(data_dir).arg(data_dir);
         cmd.args(["--die-with-parent", "--"]).arg(BIN);
         cmd
     } else {
