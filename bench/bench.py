@@ -984,12 +984,15 @@ def build_rows(floor, ours, pool_pause):
 
     st, ht = ours["stdio"], ours["http"]
     fs = summary(floor["kernel_start_s"])
-    for key, label in (("stdio", "new session"), ("stdio_pool", f"new session, --pool-size {POOL_SIZE}")):
+    labels = (("stdio", "new session, back-to-back"), ("stdio_pool", f"new session, --pool-size {POOL_SIZE}, paced"))
+    for key, label in labels:
         if key not in ours:
             continue
         s = summary(ours[key]["new_session_s"])
         note = f"a {pool_pause:.1f} s pause before each (pool refill)" if key == "stdio_pool" else None
-        note = "floor: raw kernel start until ready (KernelManager.start_kernel + wait_for_ready)" if not note else note
+        note = note or ("default flags; each new session right after the previous one's clear_session, so the "
+                        "pool is drained faster than kernels start; floor: raw kernel start until ready "
+                        "(KernelManager.start_kernel + wait_for_ready)")  # fmt: skip
         row(f"{label} p50", "stdio", "s", s["p50"], fs["p50"], f"<= {T_NEW_SESSION_RATIO}x floor",
             s["p50"] <= T_NEW_SESSION_RATIO * fs["p50"], note)  # fmt: skip
         row(f"{label} max", "stdio", "s", s["max"], fs["max"])

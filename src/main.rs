@@ -95,7 +95,7 @@ struct Args {
     max_session_mb: u64,
     /// Kernels kept started and ready, so a new session does not wait for one.
     /// Each is used by exactly one session and never returned.
-    #[arg(long, default_value_t = 1, env = "MCP_POOL_SIZE")]
+    #[arg(long, default_value_t = 2, env = "MCP_POOL_SIZE")]
     pool_size: usize,
     /// Modules imported in pooled kernels before use, e.g. numpy,pandas,matplotlib.
     #[arg(long, value_delimiter = ',', env = "MCP_PRELOAD")]

@@ -135,7 +135,7 @@ async fn serve_stdio(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let service = Interpreter::new(registry)
-        .serve_with_ct(rmcp::transport::stdio(), shutdown.child_token())
+        .serve_with_ct(rmcp::transport::stdio_pipes(), shutdown.child_token())
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))?;
     tracing::info!("serving MCP over stdio");

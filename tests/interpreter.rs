@@ -663,6 +663,9 @@ async fn huge_output_is_bounded_and_saved() {
     )
     .unwrap();
     assert_eq!(full.lines().count(), 200_000);
+    // Reported with its final size: the file was complete before the folder
+    // was looked at (no "File updated" for it on the next call).
+    assert_eq!(f["size"].as_u64().unwrap(), full.len() as u64);
     // tqdm-style progress collapses to its final state.
     let v = s
         .exec(&id, "import sys\nfor i in range(101): sys.stdout.write(f'\\r{i}%'); sys.stdout.flush()\nprint()")

@@ -127,7 +127,9 @@ impl Registry {
         let outcome = self
             .wait(stream, &mut sink, session, state, deadline, control)
             .await;
-        let (collector, spill) = sink;
+        let (collector, mut spill) = sink;
+        // The file's last bytes must be on disk before the folder is looked at.
+        spill.flush().await;
         let mut cell: CellOutput = collector.finish(spill.name());
 
         let mut report = ExecutionReport {
@@ -360,6 +362,17 @@ impl Spill {
         }
         if let Some((f, _)) = &mut self.file
             && f.write_all(text.as_bytes()).await.is_err()
+        {
+            self.failed = true;
+        }
+    }
+
+    /// Waits until everything written has reached the file (tokio's `File`
+    /// completes writes in the background).
+    async fn flush(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        if let Some((f, _)) = &mut self.file
+            && f.flush().await.is_err()
         {
             self.failed = true;
         }

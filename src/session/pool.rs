@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Registry, SessionId};
+use super::{Registry, SessionError, SessionId};
 use crate::kernel::{ExecMessage, KernelHandle};
 use crate::workspace::Workspace;
 
@@ -136,47 +138,68 @@ pub struct PoolSettings {
     pub preload: Vec<String>,
 }
 
-/// Keeps `settings.size` entries ready until `cancel` fires.
+/// At most this many pooled kernels start at once: a start is CPU-bound, so
+/// more would only slow each other (and the sessions in use) down.
+const PARALLEL_STARTS: usize = 2;
+
+/// Keeps `settings.size` entries ready until `cancel` fires. Entries are
+/// prepared concurrently (up to [`PARALLEL_STARTS`]) in tasks this function
+/// owns; on shutdown it waits for them and discards what they prepared.
 pub async fn run(registry: Arc<Registry>, settings: PoolSettings, cancel: CancellationToken) {
     if settings.size == 0 {
         return;
     }
-    let preload = preload_code(&settings.preload);
+    let preload: Option<Arc<str>> = preload_code(&settings.preload).map(Arc::from);
+    let mut starts: JoinSet<Result<Prepared, SessionError>> = JoinSet::new();
     let mut failures = 0u32;
+    // After a failure, no new start before this instant (bounded back-off
+    // instead of spinning on a broken setup).
+    let mut not_before = Instant::now();
     loop {
-        while registry.pool.len_with_preparing() < settings.size && !cancel.is_cancelled() {
+        while registry.pool.len_with_preparing() < settings.size
+            && starts.len() < PARALLEL_STARTS
+            && Instant::now() >= not_before
+            && !cancel.is_cancelled()
+        {
             registry.pool.begin();
-            let prepared = tokio::select! {
-                p = registry.prepare() => p,
-                _ = cancel.cancelled() => {
-                    registry.pool.end(None);
-                    return;
+            let (registry, preload) = (registry.clone(), preload.clone());
+            starts.spawn(async move {
+                let p = registry.prepare().await?;
+                if let Some(code) = preload {
+                    run_silently(&p.kernel, &code).await;
                 }
-            };
-            match prepared {
-                Ok(p) => {
-                    if let Some(code) = &preload {
-                        run_silently(&p.kernel, code).await;
-                    }
+                Ok(p)
+            });
+        }
+        tokio::select! {
+            Some(done) = starts.join_next() => match done {
+                Ok(Ok(p)) => {
                     failures = 0;
                     registry.pool.end(Some(p));
                 }
-                Err(e) => {
+                other => {
                     registry.pool.end(None);
                     failures += 1;
-                    tracing::warn!("could not start a pooled kernel: {e}");
-                    // Back off (bounded) instead of spinning on a broken setup.
-                    let wait = Duration::from_millis(500 * 2u64.pow(failures.min(6)));
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = cancel.cancelled() => return,
+                    match other {
+                        Ok(Err(e)) => tracing::warn!("could not start a pooled kernel: {e}"),
+                        Err(e) => tracing::warn!("a pooled kernel's start failed: {e}"),
+                        Ok(Ok(_)) => {}
                     }
+                    not_before = Instant::now()
+                        + Duration::from_millis(500 * 2u64.pow(failures.min(6)));
                 }
-            }
-        }
-        tokio::select! {
+            },
             _ = registry.pool.taken.notified() => {}
-            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(not_before), if Instant::now() < not_before => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    // Shutting down: starts in flight end soon (their kernels are cancelled
+    // too); whatever they prepared is shut down and its folder removed.
+    while let Some(done) = starts.join_next().await {
+        if let Ok(Ok(p)) = done {
+            p.kernel.shutdown().await;
+            let _ = p.workspace.remove().await;
         }
     }
 }

@@ -94,12 +94,21 @@ impl Workspace {
     /// since it was taken. Only the paths inotify reports are looked at; the
     /// folder is walked when that view is incomplete (see [`watch`]).
     pub async fn refresh(&self, snap: &mut Snapshot) -> Vec<(FileInfo, Change)> {
+        // The common case, nothing written, is one non-blocking read: answer
+        // it here rather than hand it to a blocking thread.
+        let changed = match self.lock_watcher().as_mut() {
+            Some(w) => w.drain(),
+            None => Changed::Everything,
+        };
+        if changed == Changed::Nothing {
+            return Vec::new();
+        }
         let root = self.root.clone();
         let watcher = self.watcher.clone();
         let prev = std::mem::take(snap);
         let (next, changes) = tokio::task::spawn_blocking(move || {
             let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
-            refresh_blocking(&root, &mut watcher, prev)
+            refresh_blocking(&root, &mut watcher, changed, prev)
         })
         .await
         .unwrap_or_default();
@@ -156,6 +165,10 @@ impl Workspace {
         Err(std::io::Error::other("no free file name"))
     }
 
+    fn lock_watcher(&self) -> std::sync::MutexGuard<'_, Option<Watcher>> {
+        self.watcher.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Deletes the folder and everything in it.
     pub async fn remove(&self) -> std::io::Result<()> {
         match tokio::fs::remove_dir_all(&self.root).await {
@@ -190,9 +203,9 @@ impl Snapshot {
 fn refresh_blocking(
     root: &Path,
     watcher: &mut Option<Watcher>,
+    changed: Changed,
     mut snap: Snapshot,
 ) -> (Snapshot, Vec<(FileInfo, Change)>) {
-    let changed = watcher.as_mut().map_or(Changed::Everything, Watcher::drain);
     match changed {
         Changed::Nothing => (snap, Vec::new()),
         Changed::Paths(paths) => {
@@ -331,7 +344,7 @@ mod tests {
     async fn refresh_follows_every_change() {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspace::create(dir.path().join("s")).await.unwrap();
-        assert!(ws.watcher.lock().unwrap().is_some(), "inotify unavailable");
+        assert!(ws.lock_watcher().is_some(), "inotify unavailable");
         let root = ws.root().to_path_buf();
         std::fs::write(root.join("old.txt"), "1").unwrap();
         let mut snap = ws.snapshot().await;
@@ -385,7 +398,7 @@ mod tests {
             let walked = ws.snapshot().await;
             assert_eq!(snap.files, walked.files, "step {i}");
         }
-        assert!(ws.watcher.lock().unwrap().is_some());
+        assert!(ws.lock_watcher().is_some());
     }
 
     #[tokio::test]
