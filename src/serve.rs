@@ -184,6 +184,13 @@ async fn serve_http(
         .with_allowed_hosts(hosts)
         .with_max_request_body_bytes(MAX_REQUEST_BYTES)
         .with_allowed_origins(allowed_origins(&config.allowed_origins))
+        // Stateless: a request needs no MCP session (ours are interpreter
+        // sessions, named in the arguments), and a call that emits nothing
+        // before its result is answered as plain JSON instead of an SSE
+        // stream, which costs clients noticeably less per call. A call with
+        // progress still streams; a client that disconnects cancels its call.
+        .with_legacy_session_mode(false)
+        .with_json_response(true)
         .with_cancellation_token(shutdown.child_token());
     let service: StreamableHttpService<Interpreter, LocalSessionManager> =
         StreamableHttpService::new(
