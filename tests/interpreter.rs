@@ -177,6 +177,38 @@ async fn core_over_http() {
     core_scenario(Transport::Http).await;
 }
 
+/// The kernel replies without ipykernel's 0.5 ms post-cell sleep: back-to-back
+/// calls still get every line their cell printed (stdout and stderr), because
+/// a call ends at the iopub `idle` that follows its output.
+#[tokio::test(flavor = "multi_thread")]
+async fn rapid_calls_lose_no_output() {
+    let s = start(Transport::Stdio, &[]).await;
+    let (id, v) = s.new_session("get_ipython().kernel._execute_sleep").await;
+    assert_eq!(v["result"], "0.0", "{v}");
+    for i in 0..100 {
+        let v = s
+            .exec(
+                &id,
+                &format!(
+                    "import sys\nprint({i})\nsys.stderr.write('e{i}\\n')\nprint('end', end='')"
+                ),
+            )
+            .await;
+        // stdout and stderr are separate streams: each arrives whole, in
+        // its own order.
+        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+        let err = format!("e{i}\n");
+        assert_eq!(
+            out.iter().filter(|o| **o == err).count(),
+            1,
+            "call {i}: {out:?}"
+        );
+        let stdout: String = out.iter().filter(|o| **o != err).cloned().collect();
+        assert_eq!(stdout, format!("{i}\nend"), "call {i}: {out:?}");
+    }
+    s.stop().await;
+}
+
 /// Files reported per call: bounded when a cell writes hundreds, and exact
 /// afterwards (written in subfolders, by subprocesses, moved with a folder),
 /// through the sandbox's mounts.

@@ -28,6 +28,15 @@ def __mcp_interpreter_setup():
         iopub.schedule(lambda: iopub.socket.setsockopt(zmq.SNDHWM, 0))
     except Exception:
         pass
+    # ipykernel sleeps 0.5 ms after each cell before replying, so that a
+    # client reading the shell reply does not miss output still on its way
+    # over iopub. The server ends a call at the iopub `idle` status instead,
+    # which the kernel sends after every output on the same socket, in order:
+    # the sleep would only add latency to every call.
+    try:
+        ip.kernel._execute_sleep = 0
+    except Exception:
+        pass
     # IPython 9 "tees" every write of a cell into the history (in memory, for
     # %history -o) by patching each stream's `write` for the cell. That keeps
     # all output of a flood in the kernel's memory and hides our class-level
