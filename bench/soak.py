@@ -32,6 +32,13 @@ CELLS = [
     ("file", "open('f.csv','w').write('a,b\\n1,2\\n')", None, 6),
     ("figure", "import matplotlib.pyplot as plt; plt.plot([1,2]); plt.show()", None, 2),
     ("kernel-death", "import os; os._exit(1)", None, 1),
+    ("segfault", "import ctypes; ctypes.string_at(0)", None, 1),
+    ("stubborn", "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(3)", 0.3, 1),
+    # The client gives up after 0.3 s (the SDK cancels the call); the
+    # "answer" is that the session's next call works.
+    ("cancelled", "import time; time.sleep(5)", None, 2),
+    # With a progress callback: at least one notification must arrive.
+    ("progress", "import time\nfor k in range(3):\n    print(k, flush=True); time.sleep(0.4)", None, 2),
 ]
 
 
@@ -46,7 +53,7 @@ def server_rss_kb(pid):
 
 
 def find_server_pid(data_dir):
-    out = subprocess.run(["pgrep", "-f", f"--data-dir {data_dir}"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", "--", f"--data-dir {data_dir}"], capture_output=True, text=True).stdout
     pids = [int(p) for p in out.split()]
     return pids[0] if pids else None
 
@@ -64,10 +71,30 @@ async def worker(client, n_calls, seed, stats, failures):
         if timeout:
             args["timeout"] = timeout
         try:
-            r = await asyncio.wait_for(client.call_tool("execute_code", args), 120)
-            s = r.structured_content
-            ok = s is not None and "success" in s
+            if name == "cancelled":
+                try:
+                    await asyncio.wait_for(client.call_tool("execute_code", args), 0.3)
+                except asyncio.TimeoutError:
+                    pass
+                r = await asyncio.wait_for(client.call_tool("execute_code", {"code": "1 + 1", "session_id": sid}), 120)
+                ok = (r.structured_content or {}).get("result") == "2"
+            elif name == "progress":
+                seen = []
+
+                async def on_progress(progress, total, message, seen=seen):
+                    seen.append(progress)
+
+                r = await asyncio.wait_for(
+                    client.call_tool("execute_code", args, progress_callback=on_progress), 120
+                )
+                ok = (r.structured_content or {}).get("success") is True and len(seen) >= 1
+            else:
+                r = await asyncio.wait_for(client.call_tool("execute_code", args), 120)
+                s = r.structured_content
+                ok = s is not None and "success" in s
             stats[(name, "answered" if ok else "malformed")] += 1
+            if not ok:
+                failures.append(f"{name}: {getattr(r, 'structured_content', None)}")
         except Exception as e:  # noqa: BLE001 - every failure is counted
             stats[(name, "no answer")] += 1
             failures.append(f"{name}: {e!r}")
@@ -94,10 +121,15 @@ async def main():
     async with Client(params, read_timeout_seconds=180) as client:
         await client.call_tool("execute_code", {"code": "1", "session_id": ""})
         pid = find_server_pid(data_dir)
-        before = server_rss_kb(pid)
+        start = server_rss_kb(pid)
         t0 = time.time()
-        per = a.calls // a.sessions
-        await asyncio.gather(*(worker(client, per, k, stats, failures) for k in range(a.sessions)))
+        # A first quarter warms the server up (allocator pools, buffers);
+        # "before" is taken after it, "after" at the end: flat means no leak.
+        warm = max(1, a.calls // a.sessions // 4)
+        await asyncio.gather(*(worker(client, warm, k, stats, failures) for k in range(a.sessions)))
+        before = server_rss_kb(pid)
+        per = a.calls // a.sessions - warm
+        await asyncio.gather(*(worker(client, per, 100 + k, stats, failures) for k in range(a.sessions)))
         elapsed = time.time() - t0
         after = server_rss_kb(pid)
     total = sum(stats.values())
@@ -106,7 +138,11 @@ async def main():
     for name, *_ in CELLS:
         print(f"{name:<14} {stats[(name, 'answered')]:>9} {stats[(name, 'no answer')] + stats[(name, 'malformed')]:>10}")
     print(f"\n{answered}/{total} calls answered in {elapsed:.1f} s ({total / elapsed:.0f} calls/s) across {a.sessions} sessions")
-    print(f"server RSS: {before} kB before, {after} kB after ({(after - before) / 1024:+.1f} MB)")
+    if None in (start, before, after):
+        print("server RSS: could not find the server process")
+    else:
+        print(f"server RSS: {start} kB at start, {before} kB after the first quarter, {after} kB at the end "
+              f"({(after - before) / 1024:+.1f} MB over the last three quarters)")
     for f in failures[:20]:
         print("FAILURE:", f)
     sys.exit(0 if answered == total and not failures else 1)
