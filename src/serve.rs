@@ -56,6 +56,13 @@ pub enum ServeError {
 
 /// Runs the server until a signal (or, over stdio, the end of input).
 pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError> {
+    // Refused before anything starts (no kernel, no folder).
+    if matches!(config.transport, TransportKind::Http)
+        && config.tokens.is_empty()
+        && !is_loopback(&config.host)
+    {
+        return Err(ServeError::Unauthenticated(config.host.clone()));
+    }
     create_private_dir(&config.data_dir)?;
     let runtime_dir = std::env::temp_dir().join(format!(
         "mcp-python-interpreter-{}",
@@ -148,9 +155,6 @@ async fn serve_http(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    if config.tokens.is_empty() && !is_loopback(&config.host) {
-        return Err(ServeError::Unauthenticated(config.host.clone()));
-    }
     let addr = if config.host.contains(':') && !config.host.starts_with('[') {
         format!("[{}]:{}", config.host, config.port)
     } else {

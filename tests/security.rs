@@ -135,8 +135,11 @@ async fn foreign_origins_are_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn public_bind_without_auth_refuses_to_start() {
+    let data = tempfile::tempdir().unwrap();
     let child = tokio::process::Command::new(common::BIN)
         .args(["--transport", "http", "--host", "0.0.0.0", "--port", "0"])
+        .arg("--data-dir")
+        .arg(data.path().join("d"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -149,6 +152,8 @@ async fn public_bind_without_auth_refuses_to_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("without authentication"), "{err}");
+    // Refused before anything started: no kernel, no session folder.
+    assert!(!data.path().join("d").exists());
 }
 
 #[tokio::test(flavor = "multi_thread")]
