@@ -28,5 +28,7 @@ async fn tools_list_matches_snapshot() {
         ["clear_session", "execute_code", "list_session_files"]
     );
     assert!(tools.iter().all(|t| t.output_schema.is_some()));
+    // Self-contained schemas: some clients cannot resolve `$ref`.
+    assert!(!actual.contains("$ref") && !actual.contains("$defs"));
     s.stop().await;
 }

@@ -11,7 +11,7 @@ pub mod types;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmcp::handler::server::common::{schema_for_input, schema_for_output};
+use rmcp::handler::server::common::schema_for_input;
 use rmcp::handler::server::tool::ToolRouter;
 use rmcp::model::{
     CallToolResult, Implementation, JsonObject, ListResourceTemplatesResult, ListResourcesResult,
@@ -55,7 +55,7 @@ impl Interpreter {
     /// interactive input (input() fails at once).
     #[tool(
         input_schema = schema_for_input::<ExecuteCodeArgs>().expect("object schema"),
-        output_schema = schema_for_output::<ExecuteCodeResult>()
+        output_schema = types::output_schema::<ExecuteCodeResult>()
     )]
     async fn execute_code(
         &self,
@@ -114,7 +114,7 @@ impl Interpreter {
     /// List every file in a session's folder, with its resource URI, MIME type and size.
     #[tool(
         input_schema = schema_for_input::<SessionArgs>().expect("object schema"),
-        output_schema = schema_for_output::<ListFilesResult>()
+        output_schema = types::output_schema::<ListFilesResult>()
     )]
     async fn list_session_files(
         &self,
@@ -153,7 +153,7 @@ impl Interpreter {
     /// End a session now: shut its kernel down and delete its folder and files.
     #[tool(
         input_schema = schema_for_input::<SessionArgs>().expect("object schema"),
-        output_schema = schema_for_output::<ClearSessionResult>()
+        output_schema = types::output_schema::<ClearSessionResult>()
     )]
     async fn clear_session(
         &self,

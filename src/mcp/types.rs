@@ -77,3 +77,80 @@ pub struct ClearSessionResult {
     pub success: bool,
     pub message: String,
 }
+
+/// The output schema of a result type: JSON Schema 2020-12 for what it
+/// serialises to, with every sub-schema inlined (no `$ref`, which some
+/// clients cannot resolve) and `Option<Struct>` written as
+/// `"type": ["object", "null"]` rather than an `anyOf`. Clients such as the
+/// Python SDK validate every result against it, so simpler is cheaper.
+/// Computed once per type (tool routers are built per HTTP request).
+pub fn output_schema<T: JsonSchema + 'static>() -> std::sync::Arc<rmcp::model::JsonObject> {
+    use std::any::TypeId;
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock, Mutex};
+    type Cache = Mutex<HashMap<TypeId, Arc<rmcp::model::JsonObject>>>;
+    static CACHE: LazyLock<Cache> = LazyLock::new(Default::default);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .entry(TypeId::of::<T>())
+        .or_insert_with(generate_output_schema::<T>)
+        .clone()
+}
+
+fn generate_output_schema<T: JsonSchema>() -> std::sync::Arc<rmcp::model::JsonObject> {
+    let settings = schemars::generate::SchemaSettings::draft2020_12()
+        .for_serialize()
+        .with(|s| s.inline_subschemas = true);
+    let schema = settings.into_generator().into_root_schema_for::<T>();
+    let mut value = serde_json::to_value(schema).expect("a schema serialises");
+    flatten_nullable(&mut value);
+    let serde_json::Value::Object(mut object) = value else {
+        panic!("output schemas are objects");
+    };
+    object.remove("title");
+    object.remove("description");
+    std::sync::Arc::new(object)
+}
+
+/// `{"anyOf": [S, {"type": "null"}]}` with `S` of one named type becomes `S`
+/// with `"type": [that, "null"]`, everywhere in the schema.
+fn flatten_nullable(value: &mut serde_json::Value) {
+    use serde_json::{Value, json};
+    match value {
+        Value::Object(map) => {
+            let merged = match map.get("anyOf") {
+                Some(Value::Array(any)) if any.len() == 2 => {
+                    let null = json!({"type": "null"});
+                    let other = if any[1] == null {
+                        Some(&any[0])
+                    } else if any[0] == null {
+                        Some(&any[1])
+                    } else {
+                        None
+                    };
+                    match other {
+                        Some(Value::Object(s)) => match s.get("type") {
+                            Some(Value::String(t)) => {
+                                let mut s = s.clone();
+                                s.insert("type".into(), json!([t, "null"]));
+                                Some(s)
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            if let Some(s) = merged {
+                map.remove("anyOf");
+                for (k, v) in s {
+                    map.entry(k).or_insert(v);
+                }
+            }
+            map.values_mut().for_each(flatten_nullable);
+        }
+        Value::Array(items) => items.iter_mut().for_each(flatten_nullable),
+        _ => {}
+    }
+}
