@@ -122,12 +122,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            // zeromq logs every kernel disconnect at info; keep it to real problems.
-            tracing_subscriber::EnvFilter::try_new(format!(
-                "{},zeromq=error",
-                args.log_level.to_lowercase()
-            ))
-            .context("invalid --log-level")?,
+            tracing_subscriber::EnvFilter::try_new(log_filter(&args.log_level))
+                .context("invalid --log-level")?,
         )
         .init();
 
@@ -220,5 +216,18 @@ fn user_data_dir() -> PathBuf {
     match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
         Some(h) => PathBuf::from(h).join(".local/share"),
         None => std::env::temp_dir(),
+    }
+}
+
+/// The tracing filter for `--log-level`. zeromq logs every kernel disconnect
+/// at info, and rmcp logs three info lines per stateless HTTP request (one
+/// with the client's whole `initialize`): below debug, both are kept to real
+/// problems. A filter with directives of its own is used as given.
+fn log_filter(level: &str) -> String {
+    let level = level.to_lowercase();
+    match level.as_str() {
+        "error" | "warn" | "info" => format!("{level},zeromq=error,rmcp=warn"),
+        "debug" | "trace" => format!("{level},zeromq=error"),
+        _ => level,
     }
 }

@@ -1005,3 +1005,69 @@ async fn clear_output_is_honoured() {
     assert_eq!(v["output"], json!(["frame 2\nend\n"]), "{v}");
     s.stop().await;
 }
+
+/// At the default log level, HTTP calls do not write a log line each (rmcp
+/// logs every stateless request at info): the log stays readable.
+#[tokio::test(flavor = "multi_thread")]
+async fn http_calls_do_not_flood_the_log() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(common::BIN)
+        .args(["--transport", "http", "--port", "0", "--pool-size", "0"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("LOG_LEVEL", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("mcp-python-interpreter: listening on ") {
+                return url.to_string();
+            }
+        }
+        panic!("server exited before listening");
+    })
+    .await
+    .unwrap();
+    let counted = tokio::spawn(async move {
+        let mut n = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            n.push(line);
+        }
+        n
+    });
+    let client = common::connect_http(&url, None).await.unwrap();
+    let r = common::call(
+        &client,
+        "execute_code",
+        json!({"code": "1", "session_id": ""}),
+    )
+    .await;
+    let id = r.structured_content.unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..30 {
+        common::call(
+            &client,
+            "execute_code",
+            json!({"code": "x = 1", "session_id": id}),
+        )
+        .await;
+    }
+    drop(client);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+    let logged = tokio::time::timeout(Duration::from_secs(5), counted)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(logged.len() < 15, "{} log lines: {logged:#?}", logged.len());
+}
