@@ -177,14 +177,22 @@ async fn core_over_http() {
     core_scenario(Transport::Http).await;
 }
 
-/// The kernel replies without ipykernel's 0.5 ms post-cell sleep: back-to-back
-/// calls still get every line their cell printed (stdout and stderr), because
-/// a call ends at the iopub `idle` that follows its output.
+/// The kernel replies without ipykernel's 0.5 ms post-cell sleep, and skips
+/// the end-of-cell flush round trip when a stream has nothing buffered:
+/// back-to-back calls still get every line their cell printed (stdout and
+/// stderr), because a call ends at the iopub `idle` that follows its output.
 #[tokio::test(flavor = "multi_thread")]
 async fn rapid_calls_lose_no_output() {
     let s = start(Transport::Stdio, &[]).await;
-    let (id, v) = s.new_session("get_ipython().kernel._execute_sleep").await;
-    assert_eq!(v["result"], "0.0", "{v}");
+    let (id, v) = s
+        .new_session(
+            "import sys\n(get_ipython().kernel._execute_sleep, type(sys.stdout).flush.__qualname__)",
+        )
+        .await;
+    assert_eq!(
+        v["result"], "(0.0, '__mcp_interpreter_setup.<locals>.flush')",
+        "{v}"
+    );
     for i in 0..100 {
         let v = s
             .exec(

@@ -56,6 +56,22 @@ def __mcp_interpreter_setup():
 
     OutStream.write = write
 
+    # Every cell ends with sys.stdout.flush() and sys.stderr.flush(); each is
+    # a round trip to the IOPub thread even when nothing was written. With an
+    # empty buffer there is nothing to wait for: output rotated out earlier is
+    # sent by the IOPub thread before anything scheduled later (the `idle`
+    # status included), so skipping the wait keeps every output before idle.
+    original_flush = OutStream.flush
+
+    def flush(self):
+        # (`_buffers` is ipykernel 6.2x/7's; other versions keep their flush.)
+        buffers = getattr(self, "_buffers", None)
+        if buffers is not None and not buffers and getattr(self, "echo", None) is None:
+            return None
+        return original_flush(self)
+
+    OutStream.flush = flush
+
     def unpin(*args, **kwargs):
         # This start-up cell's tee restores an instance-level `write` when it
         # ends; drop it before the first user cell so the class method is used.
