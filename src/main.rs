@@ -84,14 +84,24 @@ struct Args {
     /// Do not confine kernels (no Landlock, cgroups or rlimits). For debugging only.
     #[arg(long)]
     no_sandbox: bool,
-    /// Memory limit of each kernel, in MiB (cgroup, or RLIMIT_AS without cgroups).
-    #[arg(long, default_value_t = 2048, env = "MCP_KERNEL_MEMORY_LIMIT")]
+    /// Memory limit of each kernel (cgroup, or RLIMIT_AS without cgroups): MiB,
+    /// or a size with a unit (512M, 2G); a plain number above 1048576 is bytes.
+    #[arg(long, default_value = "2048", env = "MCP_KERNEL_MEMORY_LIMIT", value_parser = parse_memory_limit)]
     kernel_memory_limit: u64,
     /// Processes and threads each kernel may have (cgroup pids controller).
     #[arg(long, default_value_t = 512)]
     kernel_max_pids: u64,
-    /// Disk quota of each session folder in MiB (also the largest single file).
-    #[arg(long, default_value_t = 1024, env = "MCP_MAX_SESSION_BYTES")]
+    /// Disk quota of each session folder (also the largest single file): bytes,
+    /// or a size with a unit (500M, 1G). Default 1 GiB.
+    #[arg(long, env = "MCP_MAX_SESSION_BYTES", value_parser = parse_bytes)]
+    max_session_bytes: Option<u64>,
+    /// The same quota in MiB (used when --max-session-bytes is not given).
+    #[arg(
+        long,
+        default_value_t = 1024,
+        env = "MCP_MAX_SESSION_MB",
+        conflicts_with = "max_session_bytes"
+    )]
     max_session_mb: u64,
     /// Kernels kept started and ready, so a new session does not wait for one.
     /// Each is used by exactly one session and never returned.
@@ -188,9 +198,11 @@ fn main() -> anyhow::Result<()> {
         preload: args.preload,
         sandbox: !args.no_sandbox,
         no_network: args.no_network,
-        kernel_memory_bytes: args.kernel_memory_limit * 1024 * 1024,
+        kernel_memory_bytes: args.kernel_memory_limit,
         kernel_max_pids: args.kernel_max_pids,
-        max_session_bytes: args.max_session_mb * 1024 * 1024,
+        max_session_bytes: args
+            .max_session_bytes
+            .unwrap_or(args.max_session_mb.saturating_mul(MIB)),
         tokens,
         allowed_origins: args.allowed_origins,
         max_concurrent_requests: args.max_concurrent_requests,
@@ -229,5 +241,65 @@ fn log_filter(level: &str) -> String {
         "error" | "warn" | "info" => format!("{level},zeromq=error,rmcp=warn"),
         "debug" | "trace" => format!("{level},zeromq=error"),
         _ => level,
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// A size: a number with an optional binary unit (K, M, G, T; `KB`, `KiB`
+/// and lower case work too). A plain number is `plain_unit` bytes each.
+fn parse_size(text: &str, plain_unit: u64) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (e.g. 1073741824, 512M, 2G)"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let factor = match unit.trim_end_matches("ib").trim_end_matches('b') {
+        "" if unit.is_empty() => plain_unit,
+        "" => 1,
+        "k" => 1024,
+        "m" => MIB,
+        "g" => 1024 * MIB,
+        "t" => 1024 * 1024 * MIB,
+        _ => return Err(format!("'{text}': unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(factor)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("'{text}' is out of range"))
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    parse_size(text, 1)
+}
+
+/// MiB when plain, unless the number is too large to be MiB of memory.
+fn parse_memory_limit(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(n) if n > MIB => Ok(n),
+        _ => parse_size(text, MIB),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("2K"), Ok(2048));
+        assert_eq!(parse_bytes("500M"), Ok(500 * MIB));
+        assert_eq!(parse_bytes("1GiB"), Ok(1024 * MIB));
+        assert_eq!(parse_bytes("1gb"), Ok(1024 * MIB));
+        assert_eq!(parse_bytes("7B"), Ok(7));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("1X").is_err());
+        assert!(parse_bytes("").is_err());
+        assert_eq!(parse_memory_limit("2048"), Ok(2048 * MIB));
+        assert_eq!(parse_memory_limit("512M"), Ok(512 * MIB));
+        assert_eq!(parse_memory_limit("536870912"), Ok(512 * MIB));
     }
 }

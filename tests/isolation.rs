@@ -122,7 +122,7 @@ async fn no_network_blocks_connections() {
 async fn memory_and_disk_limits_hold() {
     let s = start(
         Transport::Stdio,
-        &["--kernel-memory-limit", "400", "--max-session-mb", "2"],
+        &["--kernel-memory-limit", "400", "--max-session-bytes", "2M"],
     )
     .await;
     let (id, _) = s.new_session("x = 1").await;
