@@ -71,7 +71,12 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
     create_private_dir(&runtime_dir)?;
 
     let cgroups = if config.sandbox {
-        CgroupRoot::detect(&format!("mcp-python-interpreter-{}", std::process::id()))
+        let prefix = "mcp-python-interpreter-";
+        let stale = CgroupRoot::sweep_stale(prefix);
+        if stale > 0 {
+            tracing::info!("removed {stale} cgroup(s) left by servers that were killed");
+        }
+        CgroupRoot::detect(&format!("{prefix}{}", std::process::id()))
     } else {
         None
     };

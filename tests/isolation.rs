@@ -166,3 +166,34 @@ async fn memory_and_disk_limits_hold() {
     );
     s.stop().await;
 }
+
+/// A kernel cannot start more processes and threads than `--kernel-max-pids`
+/// (a fork bomb stops at the limit); the session goes on. Needs a cgroup
+/// pids controller, which the CI machines have.
+#[tokio::test(flavor = "multi_thread")]
+async fn process_limit_holds() {
+    let pids_controller = std::path::Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists()
+        || std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "pids"));
+    if !pids_controller {
+        eprintln!("no cgroup pids controller on this host: process limit not testable");
+        return;
+    }
+    let s = start(Transport::Stdio, &["--kernel-max-pids", "40"]).await;
+    let (id, _) = s.new_session("x = 1").await;
+    let v = s
+        .exec(
+            &id,
+            "import threading, time\nstop = threading.Event()\nn = 0\ntry:\n    \
+             for _ in range(500):\n        \
+             threading.Thread(target=stop.wait, daemon=True).start()\n        n += 1\n\
+             except RuntimeError as e:\n    print('refused', type(e).__name__)\n\
+             stop.set()\nn",
+        )
+        .await;
+    let started: u64 = v["result"].as_str().unwrap_or("0").parse().unwrap_or(999);
+    assert!(started < 40, "{started} threads started: {v}");
+    assert!(v["output"].to_string().contains("refused"), "{v}");
+    assert_eq!(s.exec(&id, "x + 1").await["result"], "2");
+    s.stop().await;
+}

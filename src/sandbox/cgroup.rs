@@ -48,16 +48,60 @@ impl CgroupRoot {
         if mem.join("memory.limit_in_bytes").exists() {
             let memory = mem.join(name);
             if std::fs::create_dir_all(&memory).is_ok() {
+                // The v1 pids root has no pids.max of its own; a group made
+                // in it does.
                 let pids_root = Path::new("/sys/fs/cgroup/pids");
                 let pids = pids_root
-                    .join("pids.max")
+                    .join("cgroup.procs")
                     .exists()
                     .then(|| pids_root.join(name))
-                    .filter(|p| std::fs::create_dir_all(p).is_ok());
+                    .filter(|p| std::fs::create_dir_all(p).is_ok() && p.join("pids.max").exists());
                 return Some(Self::V1 { memory, pids });
             }
         }
         None
+    }
+
+    /// Removes groups left by servers of ours that are gone (killed with
+    /// SIGKILL, so they could not clean up): `prefix{pid}` groups whose pid
+    /// is not running. A group that still holds a process cannot be removed
+    /// (the kernel refuses), so nothing live is touched.
+    pub fn sweep_stale(prefix: &str) -> usize {
+        let mut removed = 0;
+        for root in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/pids",
+        ] {
+            let Ok(entries) = std::fs::read_dir(root) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(prefix))
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if Path::new(&format!("/proc/{pid}")).exists() {
+                    continue;
+                }
+                let group = e.path();
+                if let Ok(kids) = std::fs::read_dir(&group) {
+                    for k in kids.flatten() {
+                        if k.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                            let _ = std::fs::remove_dir(k.path());
+                        }
+                    }
+                }
+                if std::fs::remove_dir(&group).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// Makes the groups of one kernel with its limits.
