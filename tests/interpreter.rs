@@ -217,6 +217,44 @@ async fn rapid_calls_lose_no_output() {
     s.stop().await;
 }
 
+/// Code that sets `sys.stdout`/`sys.stderr` to None does not silence the
+/// session for good: the next cell has its streams, results and errors back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cell_cannot_silence_its_session() {
+    let s = start(Transport::Stdio, &[]).await;
+    let (id, _) = s
+        .new_session("import sys\nsys.stdout = None\nsys.stderr = None")
+        .await;
+    let v = s.exec(&id, "print('back')\n6 * 7").await;
+    assert_eq!(v["output"], json!(["back\n"]), "{v}");
+    assert_eq!(v["result"], "42", "{v}");
+    let v = s.exec(&id, "input()").await;
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("StdinNotImplementedError"),
+        "{v}"
+    );
+    // A working redirection is the user's business and stays.
+    let v = s
+        .exec(&id, "sys.stdout = open('log.txt', 'w')\nprint('to file')")
+        .await;
+    assert_eq!(
+        v["output"],
+        json!(["File created: log.txt (text/plain, 8 bytes)"]),
+        "{v}"
+    );
+    let v = s
+        .exec(
+            &id,
+            "print('still to file')\nsys.stdout.flush()\nsys.stdout = sys.__stdout__",
+        )
+        .await;
+    assert_eq!(v["success"], true, "{v}");
+    s.stop().await;
+}
+
 /// Files reported per call: bounded when a cell writes hundreds, and exact
 /// afterwards (written in subfolders, by subprocesses, moved with a folder),
 /// through the sandbox's mounts.

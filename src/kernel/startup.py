@@ -72,6 +72,26 @@ def __mcp_interpreter_setup():
 
     OutStream.flush = flush
 
+    # Code that sets sys.stdout/sys.stderr to None (or to something that
+    # cannot be written) would silence every later cell, results included:
+    # give such a stream back before the next cell. A working redirection
+    # (to a file, say) is left alone.
+    streams = (sys.stdout, sys.stderr)
+
+    def restore_streams(*args, **kwargs):
+        for name, stream in zip(("stdout", "stderr"), streams):
+            current = getattr(sys, name)
+            if current is None or not callable(getattr(current, "write", None)):
+                setattr(sys, name, stream)
+                # The kernel tagged the streams with this cell's request
+                # before this hook ran; tag the restored one too, or its
+                # output would be filed under an earlier request.
+                parent = getattr(ip, "parent_header", None)
+                if parent and hasattr(stream, "set_parent"):
+                    stream.set_parent(parent)
+
+    ip.events.register("pre_execute", restore_streams)
+
     def unpin(*args, **kwargs):
         # This start-up cell's tee restores an instance-level `write` when it
         # ends; drop it before the first user cell so the class method is used.

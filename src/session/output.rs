@@ -104,7 +104,12 @@ impl Collector {
                          pass values in code instead"
                     )
                 } else {
-                    truncate_middle(&format!("{ename}: {evalue}"), self.limit)
+                    let text = if evalue.is_empty() {
+                        ename.clone()
+                    } else {
+                        format!("{ename}: {evalue}")
+                    };
+                    truncate_middle(&text, self.limit)
                 });
                 self.out.traceback = traceback
                     .iter()
@@ -392,6 +397,17 @@ mod tests {
         c.push(KernelEvent::ClearOutput { wait: false });
         c.push(stream(false, "done"));
         assert_eq!(c.finish(None).output, vec!["done"]);
+    }
+
+    #[test]
+    fn an_error_without_message_is_its_name() {
+        let mut c = Collector::new(20_000);
+        c.push(KernelEvent::Error {
+            ename: "KeyboardInterrupt".into(),
+            evalue: String::new(),
+            traceback: vec![],
+        });
+        assert_eq!(c.finish(None).error.as_deref(), Some("KeyboardInterrupt"));
     }
 
     #[test]
