@@ -986,17 +986,54 @@ async fn output_flood_keeps_server_memory_bounded() {
 /// to the end over HTTP (SSE keep-alives and progress keep the stream open).
 #[tokio::test(flavor = "multi_thread")]
 async fn long_cell_over_http_is_not_cut_short() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = start(Transport::Http, &[]).await;
     let (id, _) = s.new_session("import time").await;
-    let r = s
-        .call(
-            "execute_code",
-            json!({"session_id": id, "timeout": 120, "code": "time.sleep(20)\nprint('finished')"}),
-        )
-        .await;
-    let v = r.structured_content.unwrap();
-    assert_eq!(v["success"], true, "{v}");
-    assert_eq!(v["output"], json!(["finished\n"]));
+    // A raw client that gives up when the server is silent for 12 s (like an
+    // HTTP client's read timeout), running a 20 s cell: only the SSE
+    // keep-alive pings keep it patient.
+    let url = s.url.clone().unwrap();
+    let rest = url.strip_prefix("http://").unwrap();
+    let (authority, path) = rest.split_once('/').unwrap();
+    let body = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+        "name": "execute_code",
+        "arguments": {"session_id": id, "timeout": 120, "code": "time.sleep(20)\nprint('finished')"}
+    }})
+    .to_string();
+    let req = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-06-18\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(12), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the server was silent for 12 s after {:?}: {}",
+                    t0.elapsed(),
+                    String::from_utf8_lossy(&got)
+                )
+            })
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&got).contains(r#""id":7"#) {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(t0.elapsed() >= Duration::from_secs(19), "{text}");
+    assert!(text.contains(r#"\"success\":true"#), "{text}");
+    assert!(text.contains("finished"), "{text}");
     s.stop().await;
 }
 
