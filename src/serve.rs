@@ -198,12 +198,13 @@ async fn serve_http(
         .with_allowed_origins(allowed_origins(&config.allowed_origins))
         // Stateless: a request needs no MCP session (ours are interpreter
         // sessions, named in the arguments), and skipping the session layer
-        // costs clients noticeably less per call. Replies stay SSE streams
-        // (measured as fast as plain JSON for the Python SDK) because their
-        // keep-alive pings let a cell run longer than a client's read timeout.
-        // A client that disconnects cancels its call.
+        // costs clients noticeably less per call. A reply is plain JSON
+        // unless the call sends something first: progress, or the notice of
+        // a long call (mcp::with_long_call_notice), which turns it into an
+        // SSE stream with keep-alive pings. A client that disconnects
+        // cancels its call.
         .with_legacy_session_mode(false)
-        .with_json_response(false)
+        .with_json_response(true)
         .with_sse_keep_alive(Some(SSE_KEEP_ALIVE))
         .with_cancellation_token(shutdown.child_token());
     let service: StreamableHttpService<Interpreter, LocalSessionManager> =

@@ -90,10 +90,13 @@ impl Interpreter {
         };
         let id = session.id.clone();
         let (control, progress) = call_control(&ctx);
-        let report = self
-            .registry
-            .execute(session, args.code, timeout, control)
-            .await;
+        let over_http = ctx.extensions.get::<axum::http::request::Parts>().is_some();
+        let call = self.registry.execute(session, args.code, timeout, control);
+        let report = if over_http && progress.is_none() {
+            with_long_call_notice(call, &ctx.peer).await
+        } else {
+            call.await
+        };
         if let Some(p) = progress {
             // The sender side is gone with the call; the forwarder ends by itself.
             let _ = p.await;
@@ -202,12 +205,16 @@ impl Interpreter {
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for Interpreter {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(
+        ServerConfig::new({
+            // Logging is declared for the one notice long HTTP calls send
+            // (see `with_long_call_notice`).
+            #[allow(deprecated)]
             ServerCapabilities::builder()
+                .enable_logging()
                 .enable_tools()
                 .enable_resources()
-                .build(),
-        )
+                .build()
+        })
         .with_server_info(Implementation::new(
             env!("CARGO_PKG_NAME"),
             env!("CARGO_PKG_VERSION"),
@@ -217,6 +224,17 @@ impl ServerHandler for Interpreter {
              session, then reuse the returned session_id. Figures and files the code writes are \
              returned in `files` and readable as resources kernel://{session_id}/{path}.",
         )
+    }
+
+    /// Accepted: the only log message sent is the info-level notice of a
+    /// long HTTP call, which exists to keep its reply stream alive.
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        _request: rmcp::model::SetLevelRequestParams,
+        _ctx: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        Ok(())
     }
 
     async fn list_resources(
@@ -258,6 +276,36 @@ fn principal(ctx: &RequestContext<RoleServer>) -> Principal {
         .and_then(|parts| parts.extensions.get::<Principal>())
         .cloned()
         .unwrap_or_else(Principal::local)
+}
+
+/// After this long, a call over HTTP without progress sends one notice.
+const LONG_CALL_NOTICE: Duration = Duration::from_secs(5);
+
+/// Over HTTP a reply is one JSON body unless something is sent before it
+/// (cheapest for clients). A call still running after [`LONG_CALL_NOTICE`]
+/// sends one log notice, which turns its reply into an SSE stream with
+/// keep-alive pings, so a long cell outlasts client read timeouts (the
+/// Python SDK's is 300 s, as long as the default execution timeout).
+async fn with_long_call_notice<F: std::future::Future>(
+    call: F,
+    peer: &rmcp::Peer<RoleServer>,
+) -> F::Output {
+    tokio::pin!(call);
+    tokio::select! {
+        out = &mut call => return out,
+        _ = tokio::time::sleep(LONG_CALL_NOTICE) => {}
+    }
+    // Logging is deprecated by SEP-2577, but a log message is the one
+    // notification a server may send without being asked for it.
+    #[allow(deprecated)]
+    let notice = rmcp::model::LoggingMessageNotificationParam::new(
+        rmcp::model::LoggingLevel::Info,
+        serde_json::json!("execute_code is still running"),
+    )
+    .with_logger(env!("CARGO_PKG_NAME"));
+    #[allow(deprecated)]
+    let _ = peer.notify_logging_message(notice).await;
+    call.await
 }
 
 /// The call's cancellation and, when the client sent a progress token, a
