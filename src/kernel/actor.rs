@@ -237,6 +237,26 @@ impl Actor {
     }
 }
 
+/// Waits until the kernel has bound the IPC sockets we connect to (their
+/// files exist). zeromq retries a connect that finds no socket with an
+/// exponential back-off (50, 100, 200 ms, ...), so connecting before the
+/// kernel is up adds up to 200 ms to a start (measured: connections made at
+/// about 375 ms instead of 165 ms). Looking every 5 ms costs nothing next to
+/// a kernel start, and this is start-up, not the path of a call. The caller
+/// bounds the wait (start-up timeout, kernel exit).
+async fn sockets_bound(info: &ConnectionInfo) {
+    if info.transport != jupyter_protocol::connection_info::Transport::IPC {
+        return;
+    }
+    let files: Vec<PathBuf> = [info.shell_port, info.control_port, info.iopub_port]
+        .iter()
+        .map(|port| PathBuf::from(format!("{}-{port}", info.ip)))
+        .collect();
+    while !files.iter().all(|f| f.exists()) {
+        tokio::time::sleep(SOCKET_POLL).await;
+    }
+}
+
 fn parent_id(msg: &JupyterMessage) -> Option<&str> {
     msg.parent_header.as_ref().map(|h| h.msg_id.as_str())
 }
@@ -289,7 +309,11 @@ fn mime_data(media: &Media) -> Vec<MimeData> {
 
 /// Connects to a starting kernel, waits until iopub is subscribed, and runs
 /// the start-up code.
+/// How often start-up looks for the kernel's sockets (see [`sockets_bound`]).
+const SOCKET_POLL: Duration = Duration::from_millis(5);
+
 async fn connect(info: &ConnectionInfo, startup_code: &str) -> Result<Sockets, KernelError> {
+    sockets_bound(info).await;
     let err = |e: jupyter_zmq_client::RuntimeError| KernelError::Start(e.to_string());
     let session = crate::random_token(16);
     let identity = jupyter_zmq_client::peer_identity_for_session(&session).map_err(err)?;
