@@ -12,6 +12,10 @@
 //! the caller walks the folder as before; the walk re-adds the watches. If
 //! inotify is unavailable (no instances or watches left), the workspace
 //! simply walks every time.
+//!
+//! Not seen: a file changed only through a shared memory mapping (`mmap`)
+//! and never closed after writing; inotify reports no event for that. It is
+//! reported once anything else touches it, or the folder is walked.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
