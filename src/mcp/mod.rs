@@ -11,7 +11,6 @@ pub mod types;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmcp::handler::server::common::schema_for_input;
 use rmcp::handler::server::tool::ToolRouter;
 use rmcp::model::{
     CallToolResult, Implementation, JsonObject, ListResourceTemplatesResult, ListResourcesResult,
@@ -54,7 +53,7 @@ impl Interpreter {
     /// Use "" as session_id to start a new session. `!pip install NAME` works. There is no
     /// interactive input (input() fails at once).
     #[tool(
-        input_schema = schema_for_input::<ExecuteCodeArgs>().expect("object schema"),
+        input_schema = types::input_schema::<ExecuteCodeArgs>(),
         output_schema = types::output_schema::<ExecuteCodeResult>()
     )]
     async fn execute_code(
@@ -116,7 +115,7 @@ impl Interpreter {
 
     /// List every file in a session's folder, with its resource URI, MIME type and size.
     #[tool(
-        input_schema = schema_for_input::<SessionArgs>().expect("object schema"),
+        input_schema = types::input_schema::<SessionArgs>(),
         output_schema = types::output_schema::<ListFilesResult>()
     )]
     async fn list_session_files(
@@ -155,7 +154,7 @@ impl Interpreter {
 
     /// End a session now: shut its kernel down and delete its folder and files.
     #[tool(
-        input_schema = schema_for_input::<SessionArgs>().expect("object schema"),
+        input_schema = types::input_schema::<SessionArgs>(),
         output_schema = types::output_schema::<ClearSessionResult>()
     )]
     async fn clear_session(

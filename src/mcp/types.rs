@@ -104,6 +104,7 @@ fn generate_output_schema<T: JsonSchema>() -> std::sync::Arc<rmcp::model::JsonOb
     let schema = settings.into_generator().into_root_schema_for::<T>();
     let mut value = serde_json::to_value(schema).expect("a schema serialises");
     flatten_nullable(&mut value);
+    strip_unknown_formats(&mut value);
     let serde_json::Value::Object(mut object) = value else {
         panic!("output schemas are objects");
     };
@@ -151,6 +152,69 @@ fn flatten_nullable(value: &mut serde_json::Value) {
             map.values_mut().for_each(flatten_nullable);
         }
         Value::Array(items) => items.iter_mut().for_each(flatten_nullable),
+        _ => {}
+    }
+}
+
+/// The input schema of an argument type: rmcp's, without the Rust-specific
+/// `format`s (see [`strip_unknown_formats`]). Computed once per type.
+pub fn input_schema<T: JsonSchema + 'static>() -> std::sync::Arc<rmcp::model::JsonObject> {
+    use std::any::TypeId;
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock, Mutex};
+    type Cache = Mutex<HashMap<TypeId, Arc<rmcp::model::JsonObject>>>;
+    static CACHE: LazyLock<Cache> = LazyLock::new(Default::default);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .entry(TypeId::of::<T>())
+        .or_insert_with(|| {
+            let schema = rmcp::handler::server::common::schema_for_input::<T>()
+                .expect("argument types are objects");
+            let mut value = serde_json::Value::Object(schema.as_ref().clone());
+            strip_unknown_formats(&mut value);
+            match value {
+                serde_json::Value::Object(o) => Arc::new(o),
+                _ => unreachable!("an object stays an object"),
+            }
+        })
+        .clone()
+}
+
+/// Drops `format` values JSON Schema does not define (schemars writes
+/// `uint64`, `double`, ...): validators such as Ajv, used by TypeScript
+/// clients, warn about every unknown format on every call.
+fn strip_unknown_formats(value: &mut serde_json::Value) {
+    const KNOWN: &[&str] = &[
+        "date-time",
+        "date",
+        "time",
+        "duration",
+        "email",
+        "idn-email",
+        "hostname",
+        "idn-hostname",
+        "ipv4",
+        "ipv6",
+        "uri",
+        "uri-reference",
+        "iri",
+        "iri-reference",
+        "uuid",
+        "uri-template",
+        "json-pointer",
+        "relative-json-pointer",
+        "regex",
+    ];
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::String(f)) = map.get("format")
+                && !KNOWN.contains(&f.as_str())
+            {
+                map.remove("format");
+            }
+            map.values_mut().for_each(strip_unknown_formats);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_unknown_formats),
         _ => {}
     }
 }
