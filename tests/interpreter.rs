@@ -1106,16 +1106,7 @@ async fn http_calls_do_not_flood_the_log() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(url) = line.strip_prefix("mcp-python-interpreter: listening on ") {
-                return url.to_string();
-            }
-        }
-        panic!("server exited before listening");
-    })
-    .await
-    .unwrap();
+    let url = common::listening_url(&mut lines).await;
     let counted = tokio::spawn(async move {
         let mut n = Vec::new();
         while let Ok(Some(line)) = lines.next_line().await {

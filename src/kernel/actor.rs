@@ -307,11 +307,11 @@ fn mime_data(media: &Media) -> Vec<MimeData> {
         .collect()
 }
 
-/// Connects to a starting kernel, waits until iopub is subscribed, and runs
-/// the start-up code.
 /// How often start-up looks for the kernel's sockets (see [`sockets_bound`]).
 const SOCKET_POLL: Duration = Duration::from_millis(5);
 
+/// Connects to a starting kernel, waits until iopub is subscribed, and runs
+/// the start-up code.
 async fn connect(info: &ConnectionInfo, startup_code: &str) -> Result<Sockets, KernelError> {
     sockets_bound(info).await;
     let err = |e: jupyter_zmq_client::RuntimeError| KernelError::Start(e.to_string());

@@ -1,6 +1,11 @@
 //! Tool arguments and results as the model sees them. Doc comments here
 //! become the JSON Schema descriptions in `tools/list`.
 
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use rmcp::model::JsonObject;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -84,20 +89,23 @@ pub struct ClearSessionResult {
 /// `"type": ["object", "null"]` rather than an `anyOf`. Clients such as the
 /// Python SDK validate every result against it, so simpler is cheaper.
 /// Computed once per type (tool routers are built per HTTP request).
-pub fn output_schema<T: JsonSchema + 'static>() -> std::sync::Arc<rmcp::model::JsonObject> {
-    use std::any::TypeId;
-    use std::collections::HashMap;
-    use std::sync::{Arc, LazyLock, Mutex};
-    type Cache = Mutex<HashMap<TypeId, Arc<rmcp::model::JsonObject>>>;
-    static CACHE: LazyLock<Cache> = LazyLock::new(Default::default);
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache
-        .entry(TypeId::of::<T>())
-        .or_insert_with(generate_output_schema::<T>)
-        .clone()
+pub fn output_schema<T: JsonSchema + 'static>() -> Arc<JsonObject> {
+    static CACHE: SchemaCache = LazyLock::new(Default::default);
+    cached::<T>(&CACHE, generate_output_schema::<T>)
 }
 
-fn generate_output_schema<T: JsonSchema>() -> std::sync::Arc<rmcp::model::JsonObject> {
+type SchemaCache = LazyLock<Mutex<HashMap<TypeId, Arc<JsonObject>>>>;
+
+/// `make()` once per type `T` in `cache`.
+fn cached<T: 'static>(
+    cache: &SchemaCache,
+    make: impl FnOnce() -> Arc<JsonObject>,
+) -> Arc<JsonObject> {
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    cache.entry(TypeId::of::<T>()).or_insert_with(make).clone()
+}
+
+fn generate_output_schema<T: JsonSchema>() -> Arc<JsonObject> {
     let settings = schemars::generate::SchemaSettings::draft2020_12()
         .for_serialize()
         .with(|s| s.inline_subschemas = true);
@@ -110,7 +118,7 @@ fn generate_output_schema<T: JsonSchema>() -> std::sync::Arc<rmcp::model::JsonOb
     };
     object.remove("title");
     object.remove("description");
-    std::sync::Arc::new(object)
+    Arc::new(object)
 }
 
 /// `{"anyOf": [S, {"type": "null"}]}` with `S` of one named type becomes `S`
@@ -158,26 +166,15 @@ fn flatten_nullable(value: &mut serde_json::Value) {
 
 /// The input schema of an argument type: rmcp's, without the Rust-specific
 /// `format`s (see [`strip_unknown_formats`]). Computed once per type.
-pub fn input_schema<T: JsonSchema + 'static>() -> std::sync::Arc<rmcp::model::JsonObject> {
-    use std::any::TypeId;
-    use std::collections::HashMap;
-    use std::sync::{Arc, LazyLock, Mutex};
-    type Cache = Mutex<HashMap<TypeId, Arc<rmcp::model::JsonObject>>>;
-    static CACHE: LazyLock<Cache> = LazyLock::new(Default::default);
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache
-        .entry(TypeId::of::<T>())
-        .or_insert_with(|| {
-            let schema = rmcp::handler::server::common::schema_for_input::<T>()
-                .expect("argument types are objects");
-            let mut value = serde_json::Value::Object(schema.as_ref().clone());
-            strip_unknown_formats(&mut value);
-            match value {
-                serde_json::Value::Object(o) => Arc::new(o),
-                _ => unreachable!("an object stays an object"),
-            }
-        })
-        .clone()
+pub fn input_schema<T: JsonSchema + 'static>() -> Arc<JsonObject> {
+    static CACHE: SchemaCache = LazyLock::new(Default::default);
+    cached::<T>(&CACHE, || {
+        let schema = rmcp::handler::server::common::schema_for_input::<T>()
+            .expect("argument types are objects");
+        let mut object = schema.as_ref().clone();
+        object.values_mut().for_each(strip_unknown_formats);
+        Arc::new(object)
+    })
 }
 
 /// Drops `format` values JSON Schema does not define (schemars writes

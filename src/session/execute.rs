@@ -193,7 +193,7 @@ impl Registry {
                 tracing::warn!(session = %session.id, "could not save a figure: {e}");
             }
         }
-        let changes = session.workspace.refresh(&mut state.baseline).await;
+        let mut changes = session.workspace.refresh(&mut state.baseline).await;
         let used = state.baseline.total_bytes();
         if used > self.settings.max_session_bytes && cell.error.is_none() {
             report.success = false;
@@ -206,7 +206,6 @@ impl Registry {
 
         report.output = notes.into_iter().map(|n| format!("[{n}]\n")).collect();
         report.output.extend(cell.output);
-        let mut changes = changes;
         let more = changes.len().saturating_sub(MAX_REPORTED_FILES);
         changes.truncate(MAX_REPORTED_FILES);
         for (f, change) in &changes {

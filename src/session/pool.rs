@@ -172,23 +172,27 @@ pub async fn run(registry: Arc<Registry>, settings: PoolSettings, cancel: Cancel
             });
         }
         tokio::select! {
-            Some(done) = starts.join_next() => match done {
-                Ok(Ok(p)) => {
-                    failures = 0;
-                    registry.pool.end(Some(p));
-                }
-                other => {
-                    registry.pool.end(None);
-                    failures += 1;
-                    match other {
-                        Ok(Err(e)) => tracing::warn!("could not start a pooled kernel: {e}"),
-                        Err(e) => tracing::warn!("a pooled kernel's start failed: {e}"),
-                        Ok(Ok(_)) => {}
+            Some(done) = starts.join_next() => {
+                let prepared = match done {
+                    Ok(Ok(p)) => Some(p),
+                    Ok(Err(e)) => {
+                        tracing::warn!("could not start a pooled kernel: {e}");
+                        None
                     }
+                    Err(e) => {
+                        tracing::warn!("a pooled kernel's start failed: {e}");
+                        None
+                    }
+                };
+                if prepared.is_some() {
+                    failures = 0;
+                } else {
+                    failures += 1;
                     not_before = Instant::now()
                         + Duration::from_millis(500 * 2u64.pow(failures.min(6)));
                 }
-            },
+                registry.pool.end(prepared);
+            }
             _ = registry.pool.taken.notified() => {}
             _ = tokio::time::sleep_until(not_before), if Instant::now() < not_before => {}
             _ = cancel.cancelled() => break,

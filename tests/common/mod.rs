@@ -154,17 +154,7 @@ async fn start_inner(
                 .unwrap();
             let pid = child.id().unwrap();
             let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-            let url = tokio::time::timeout(Duration::from_secs(120), async {
-                while let Some(line) = lines.next_line().await.unwrap() {
-                    eprintln!("{line}");
-                    if let Some(url) = line.strip_prefix("mcp-python-interpreter: listening on ") {
-                        return url.to_string();
-                    }
-                }
-                panic!("server exited before listening");
-            })
-            .await
-            .expect("server did not start listening");
+            let url = listening_url(&mut lines).await;
             tokio::spawn(async move {
                 while let Ok(Some(line)) = lines.next_line().await {
                     eprintln!("{line}");
@@ -260,4 +250,22 @@ fn is_zombie(pid: i32) -> bool {
                 .starts_with('Z')
         })
         .unwrap_or(true)
+}
+
+/// Reads an HTTP server's stderr (echoing it) until the server says where it
+/// listens; returns that URL. The lines after it stay in `lines`.
+pub async fn listening_url(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            eprintln!("{line}");
+            if let Some(url) = line.strip_prefix("mcp-python-interpreter: listening on ") {
+                return url.to_string();
+            }
+        }
+        panic!("server exited before listening");
+    })
+    .await
+    .expect("server did not start listening")
 }
