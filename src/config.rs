@@ -38,8 +38,12 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Confine kernels (Landlock, cgroups or rlimits); off only for debugging.
     pub sandbox: bool,
-    /// Run kernels in a private network namespace (no network).
-    pub no_network: bool,
+    /// What kernels may reach over the network.
+    pub kernel_network: crate::sandbox::NetworkPolicy,
+    /// Cores of CPU time each kernel may use.
+    pub kernel_cpus: f64,
+    /// uids for kernels when the server runs as root.
+    pub kernel_uids: crate::sandbox::users::UidRange,
     /// Memory limit of one kernel (and its children).
     pub kernel_memory_bytes: u64,
     /// Processes and threads one kernel may have.

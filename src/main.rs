@@ -8,7 +8,16 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use mcp_python_interpreter::auth::Tokens;
 use mcp_python_interpreter::config::{Config, TransportKind};
+use mcp_python_interpreter::sandbox::NetworkPolicy;
+use mcp_python_interpreter::sandbox::users::UidRange;
 use mcp_python_interpreter::{environment, sandbox, serve};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KernelNetwork {
+    Full,
+    Web,
+    None,
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Transport {
@@ -78,9 +87,26 @@ struct Args {
     /// HTTP requests handled at once; more are answered 503.
     #[arg(long, default_value_t = 256)]
     max_concurrent_requests: usize,
-    /// Run kernels without network access (a private network namespace).
-    #[arg(long, env = "MCP_NO_NETWORK")]
+    /// What kernels may reach: `web` (outgoing TCP to ports 80 and 443 and
+    /// to the proxies in HTTP_PROXY/HTTPS_PROXY/ALL_PROXY, so `!pip install`
+    /// works, but not databases or admin ports on loopback or the LAN),
+    /// `full`, or `none` (a private network namespace).
+    #[arg(long, value_enum, default_value = "web", env = "MCP_KERNEL_NETWORK")]
+    kernel_network: KernelNetwork,
+    /// Another TCP port kernels may connect to under `--kernel-network web` (repeatable).
+    #[arg(long = "kernel-allow-port")]
+    kernel_allow_ports: Vec<u16>,
+    /// The same as `--kernel-network none`.
+    #[arg(long, env = "MCP_NO_NETWORK", conflicts_with = "kernel_network")]
     no_network: bool,
+    /// Cores of CPU time each kernel may use (cgroup quota; fractions allowed)
+    /// [default: half of this machine's cores, at least 1].
+    #[arg(long, env = "MCP_KERNEL_CPUS")]
+    kernel_cpus: Option<f64>,
+    /// uids kernels run as when the server is root, one per live session:
+    /// `FIRST-LAST`, or one uid for all.
+    #[arg(long, default_value = "60000-60999", env = "MCP_KERNEL_UIDS", value_parser = UidRange::parse)]
+    kernel_uids: UidRange,
     /// Do not confine kernels (no Landlock, cgroups or rlimits). For debugging only.
     #[arg(long)]
     no_sandbox: bool,
@@ -120,7 +146,11 @@ fn main() -> anyhow::Result<()> {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == sandbox::WRAPPER_ARG) {
         if argv.get(2).is_some_and(|a| a == "--probe") {
-            sandbox::probe_main();
+            let uid = argv
+                .get(3)
+                .and_then(|u| u.to_str())
+                .and_then(|u| u.parse().ok());
+            sandbox::probe::probe_main(uid);
             return Ok(());
         }
         let err = sandbox::exec_wrapped(argv[2..].to_vec());
@@ -177,6 +207,15 @@ fn main() -> anyhow::Result<()> {
         "--max-concurrent-requests must be at least 1"
     );
 
+    let kernel_cpus = args.kernel_cpus.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / 2).max(1) as f64
+    });
+    anyhow::ensure!(
+        kernel_cpus.is_finite() && kernel_cpus >= 0.01,
+        "--kernel-cpus must be a positive number of cores"
+    );
+
     let config = Config {
         transport: match args.transport {
             Transport::Stdio => TransportKind::Stdio,
@@ -197,7 +236,15 @@ fn main() -> anyhow::Result<()> {
         pool_size: args.pool_size,
         preload: args.preload,
         sandbox: !args.no_sandbox,
-        no_network: args.no_network,
+        kernel_network: match (args.no_network, args.kernel_network) {
+            (true, _) | (_, KernelNetwork::None) => NetworkPolicy::None,
+            (_, KernelNetwork::Full) => NetworkPolicy::Full,
+            (_, KernelNetwork::Web) => NetworkPolicy::Web {
+                ports: web_ports(&args.kernel_allow_ports),
+            },
+        },
+        kernel_cpus,
+        kernel_uids: args.kernel_uids,
         kernel_memory_bytes: args.kernel_memory_limit,
         kernel_max_pids: args.kernel_max_pids,
         max_session_bytes: args
@@ -244,6 +291,42 @@ fn log_filter(level: &str) -> String {
     }
 }
 
+/// Ports kernels may connect to under `--kernel-network web`: the web's,
+/// the configured proxies' (else a proxy would break `!pip install`), and
+/// the ones given.
+fn web_ports(extra: &[u16]) -> Vec<u16> {
+    let mut ports = vec![80, 443];
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        if let Some(port) = std::env::var(var).ok().as_deref().and_then(proxy_port) {
+            ports.push(port);
+        }
+    }
+    ports.extend(extra);
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// The port of a proxy URL such as `http://user:pw@proxy:3128/`.
+fn proxy_port(url: &str) -> Option<u16> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let (host, port) = host_port.rsplit_once(':')?;
+    if host.ends_with(']') || !host.contains(':') {
+        port.parse().ok()
+    } else {
+        None
+    }
+}
+
 const MIB: u64 = 1024 * 1024;
 
 /// A size: a number with an optional binary unit (K, M, G, T; `KB`, `KiB`
@@ -285,6 +368,15 @@ fn parse_memory_limit(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_ports() {
+        assert_eq!(proxy_port("http://proxy.corp:3128/"), Some(3128));
+        assert_eq!(proxy_port("http://u:p@10.0.0.1:8080"), Some(8080));
+        assert_eq!(proxy_port("socks5://[::1]:1080"), Some(1080));
+        assert_eq!(proxy_port("http://proxy.corp/"), None);
+        assert_eq!(proxy_port("proxy:3129"), Some(3129));
+    }
 
     #[test]
     fn sizes() {

@@ -21,9 +21,10 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, TransportKind};
 use crate::environment::KernelPython;
 use crate::kernel::LocalKernelFactory;
-use crate::kernel::local::{LocalKernelConfig, SandboxSettings};
+use crate::kernel::local::LocalKernelConfig;
 use crate::mcp::Interpreter;
-use crate::sandbox::{self, LandlockSupport, cgroup::CgroupRoot};
+use crate::sandbox::plan::{PlanError, PlanInput, SandboxSettings};
+use crate::sandbox::{self, cgroup::CgroupRoot};
 use crate::session::pool::{self, PoolSettings};
 use crate::session::{Registry, SessionSettings, expiry};
 
@@ -55,6 +56,8 @@ pub enum ServeError {
          bind a loopback address such as 127.0.0.1"
     )]
     Unauthenticated(String),
+    #[error(transparent)]
+    Sandbox(#[from] PlanError),
 }
 
 /// Runs the server until a signal (or, over stdio, the end of input).
@@ -85,13 +88,24 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
     };
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let sandbox = match sandbox_settings(&config, &python, &cgroups) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&runtime_dir);
+            if let Some(cg) = &cgroups {
+                cg.remove();
+            }
+            return Err(e);
+        }
+    };
     let factory = LocalKernelFactory::new(
         LocalKernelConfig {
             python: python.python.clone(),
             runtime_dir: runtime_dir.clone(),
             env: kernel_env(&python, &config.inherited_path),
             start_timeout: config.kernel_start_timeout,
-            sandbox: sandbox_settings(&config, &python, &cgroups),
+            mpl_cache: python.mpl_config.clone(),
+            sandbox,
         },
         shutdown.child_token(),
         tracker.clone(),
@@ -292,76 +306,35 @@ async fn watch_signals(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// How kernels are confined here; logs what is and is not available.
+/// How kernels are confined here (see [`sandbox::plan`]).
 fn sandbox_settings(
     config: &Config,
     python: &KernelPython,
     cgroups: &Option<CgroupRoot>,
-) -> Option<SandboxSettings> {
+) -> Result<Option<SandboxSettings>, ServeError> {
     if !config.sandbox {
         tracing::warn!(
             "kernel sandbox disabled (--no-sandbox): kernels run with the server's full rights"
         );
-        return None;
+        return Ok(None);
     }
-    let Ok(exe) = std::env::current_exe() else {
-        tracing::warn!("cannot find our own executable; kernels run unconfined");
-        return None;
-    };
-    let landlock = sandbox::probe(&exe);
-    match landlock {
-        LandlockSupport::Full => {
-            tracing::info!("kernel isolation: Landlock enforced (files: own session folder only)")
-        }
-        LandlockSupport::Partial => tracing::warn!(
-            "kernel isolation: Landlock only partly supported by this Linux; file access is restricted where it can be"
-        ),
-        LandlockSupport::None => tracing::warn!(
-            "kernel isolation: Landlock is not available on this Linux, so kernels can read and write \
-             whatever the server's user can. Remaining protection: resource limits, own process group, \
-             private runtime folder{}",
-            if config.no_network {
-                ", no network"
-            } else {
-                ""
-            }
-        ),
-    }
-    match cgroups {
-        Some(CgroupRoot::V2(d)) => {
-            tracing::info!("kernel limits: cgroup v2 at {} (memory, pids)", d.display())
-        }
-        Some(CgroupRoot::V1 { memory, pids }) => tracing::info!(
-            "kernel limits: cgroup v1 at {} (memory{})",
-            memory.display(),
-            if pids.is_some() {
-                ", pids"
-            } else {
-                "; no pids controller"
-            }
-        ),
-        None => tracing::warn!(
-            "kernel limits: no writable cgroup hierarchy; memory is limited with RLIMIT_AS and the \
-             number of processes is not limited"
-        ),
-    }
-    let mut read_only: Vec<PathBuf> = sandbox::SYSTEM_READ.iter().map(PathBuf::from).collect();
-    read_only.extend(python.prefixes.iter().cloned());
+    let mut python_dirs = python.prefixes.clone();
     if let Some(bin) = &python.bin_dir
         && let Some(env) = bin.parent()
     {
-        read_only.push(env.to_path_buf());
+        python_dirs.push(env.to_path_buf());
     }
-    Some(SandboxSettings {
-        exe,
-        landlock: landlock != LandlockSupport::None,
-        no_network: config.no_network,
-        read_only,
+    Ok(sandbox::plan::plan(PlanInput {
+        network: config.kernel_network.clone(),
         memory_bytes: config.kernel_memory_bytes,
         max_pids: config.kernel_max_pids,
-        file_size_bytes: Some(config.max_session_bytes),
+        cpus: config.kernel_cpus,
+        file_size_bytes: config.max_session_bytes,
+        uids: config.kernel_uids,
+        python_dirs,
+        data_dir: &config.data_dir,
         cgroups: cgroups.clone(),
-    })
+    })?)
 }
 
 /// Environment of every kernel.
@@ -378,20 +351,27 @@ fn kernel_env(python: &KernelPython, inherited_path: &str) -> HashMap<String, St
     env.insert("JUPYTER_PLATFORM_DIRS".into(), "1".into());
     env.insert("PYTHONUNBUFFERED".into(), "1".into());
     env.insert("PYDEVD_DISABLE_FILE_VALIDATION".into(), "1".into());
-    if let Some(mpl) = &python.mpl_config {
-        env.insert("MPLCONFIGDIR".into(), mpl.display().to_string());
-    }
     env
 }
 
+/// Creates one of the server's folders. Owner-only, except that a root
+/// server's kernels (other uids) may pass through it (0711: no listing) to
+/// their own sub-folder, which is theirs alone.
 fn create_private_dir(path: &Path) -> Result<(), ServeError> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mode = if nix::unistd::Uid::effective().is_root() {
+        0o711
+    } else {
+        0o700
+    };
+    let fail = |source| ServeError::Dir {
+        path: path.to_path_buf(),
+        source,
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(path)
-        .map_err(|source| ServeError::Dir {
-            path: path.to_path_buf(),
-            source,
-        })
+        .map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)
 }

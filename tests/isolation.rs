@@ -97,17 +97,27 @@ async fn kernels_cannot_reach_other_sessions_or_server_data() {
     s.stop().await;
 }
 
+/// `--kernel-network full` reaches a loopback service; the default (`web`)
+/// and `--no-network` do not (the web policy's own test, with `!pip
+/// download`, is in tests/confinement.rs).
 #[tokio::test(flavor = "multi_thread")]
-async fn no_network_blocks_connections() {
+async fn network_policies_block_connections() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let probe = format!(
         "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\ns.close()\n'connected'"
     );
-    let open = start(Transport::Stdio, &[]).await;
+    let open = start(Transport::Stdio, &["--kernel-network", "full"]).await;
     let (id, _) = open.new_session("1").await;
     assert_eq!(open.exec(&id, &probe).await["result"], "'connected'");
     open.stop().await;
+
+    let web = start(Transport::Stdio, &[]).await;
+    let (id, _) = web.new_session("1").await;
+    let v = web.exec(&id, &probe).await;
+    assert_eq!(v["success"], false, "{v}");
+    assert!(err(&v).contains("PermissionError"), "{v}");
+    web.stop().await;
 
     let closed = start(Transport::Stdio, &["--no-network"]).await;
     let (id, _) = closed.new_session("1").await;

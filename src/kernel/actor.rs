@@ -44,6 +44,11 @@ pub(crate) struct StartupFiles {
     pub cgroup: Option<KernelCgroup>,
     pub start_timeout: Duration,
     pub stderr_tail: StderrTail,
+    /// The write end of a namespace init's stdin: closing it (or our death)
+    /// ends the kernel's whole PID namespace.
+    pub lifeline: Option<tokio::process::ChildStdin>,
+    /// The kernel's uid; given back only once its processes are all gone.
+    pub lease: Option<crate::sandbox::users::UidLease>,
 }
 
 /// The execution in flight, if any.
@@ -118,10 +123,17 @@ impl Actor {
                 self.kill().await;
             }
         }
-        let _ = tokio::fs::remove_dir_all(&files.private_dir).await;
-        if let Some(cg) = &files.cgroup {
-            cg.remove();
+        drop(files.lifeline);
+        if let Some(cg) = files.cgroup {
+            // Anything a cell started outside a PID namespace of its own.
+            let _ = tokio::task::spawn_blocking(move || {
+                cg.kill_all();
+                cg.remove();
+            })
+            .await;
         }
+        let _ = tokio::fs::remove_dir_all(&files.private_dir).await;
+        drop(files.lease);
     }
 
     async fn serve(&mut self, mut s: Sockets) {
@@ -264,6 +276,13 @@ fn parent_id(msg: &JupyterMessage) -> Option<&str> {
 fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
+        // A namespace init reports its kernel's death by signal as 128 + N.
+        (Some(code), _) if code > 128 && Signal::try_from(code - 128).is_ok() => {
+            format!(
+                "killed by signal {}",
+                Signal::try_from(code - 128).expect("checked")
+            )
+        }
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(sig)) => match Signal::try_from(sig) {
             Ok(s) => format!("killed by signal {s}"),

@@ -1,11 +1,22 @@
 //! Local ipykernel processes: launch, connection files, process lifetime.
 //!
 //! Kernels talk to us over ZeroMQ IPC sockets in a private runtime folder
-//! (mode 0700), so no TCP port is ever picked and released (no race between
-//! concurrent launches) and no other local user can connect. Each kernel runs
-//! in its own process group with stdin closed, and is told our pid through
-//! `JPY_PARENT_PID` so that ipykernel's parent poller ends it within a second
-//! if the server dies, even by SIGKILL.
+//! (mode 0700, owned by the kernel's user), so no TCP port is ever picked and
+//! released (no race between concurrent launches) and no other local user
+//! can connect. Each kernel runs in its own process group.
+//!
+//! Where privilege allows, the kernel's wrapper is started as PID 1 of a new
+//! PID namespace (see [`crate::sandbox`]): it holds a pipe from us as stdin
+//! and takes the whole namespace down when that pipe closes, so no kernel
+//! outlives the server, even one killed by SIGKILL. Otherwise the kernel is
+//! told our pid through `JPY_PARENT_PID`, so that ipykernel's parent poller
+//! ends it within a second if the server dies.
+//!
+//! A root server runs each kernel as an unprivileged uid from a
+//! [`UidPool`]; the session folder belongs to that uid. A session keeps its
+//! uid across kernel restarts (its folder's owner says which), unless
+//! another live kernel holds it by then, in which case the folder is handed
+//! to the new uid.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use super::actor::{Actor, StartupFiles};
 use super::{BoxFuture, KernelError, KernelFactory, KernelHandle};
-use crate::sandbox::cgroup::CgroupRoot;
+use crate::sandbox::users::{UidLease, UidPool};
 use crate::sandbox::{SPEC_ENV, SYSTEM_WRITE, SandboxSpec, WRAPPER_ARG};
 
 /// Python run in every kernel before the user's first line (silently).
@@ -40,25 +51,14 @@ pub struct LocalKernelConfig {
     pub env: HashMap<String, String>,
     /// How long a kernel may take to answer its first request.
     pub start_timeout: Duration,
+    /// matplotlib's prebuilt font cache, copied into each kernel's own
+    /// (writable) MPLCONFIGDIR so no kernel rebuilds it or warns about it.
+    pub mpl_cache: Option<PathBuf>,
     /// Isolation for kernels; `None` runs them unconfined.
     pub sandbox: Option<SandboxSettings>,
 }
 
-/// How kernels are confined (see [`crate::sandbox`]).
-#[derive(Debug, Clone)]
-pub struct SandboxSettings {
-    /// Our own binary, which wraps the kernel (`__kernel-sandbox`).
-    pub exe: PathBuf,
-    pub landlock: bool,
-    pub no_network: bool,
-    /// System folders and the Python installation.
-    pub read_only: Vec<PathBuf>,
-    pub memory_bytes: u64,
-    pub max_pids: u64,
-    pub file_size_bytes: Option<u64>,
-    /// Where per-kernel cgroups go, if a hierarchy is writable.
-    pub cgroups: Option<CgroupRoot>,
-}
+pub use crate::sandbox::plan::SandboxSettings;
 
 /// Starts ipykernel processes; owns every kernel task it spawned.
 pub struct LocalKernelFactory {
@@ -93,10 +93,14 @@ impl LocalKernelFactory {
         let own = self.config.runtime_dir.join(format!("k{n}"));
         let tmp = own.join("tmp");
         let site = own.join("site");
-        for d in [&own, &tmp, &site] {
+        let mpl = own.join("mpl");
+        for d in [&own, &tmp, &site, &mpl] {
             create_private_dir(d)
                 .await
                 .map_err(|e| KernelError::Start(format!("creating {}: {e}", d.display())))?;
+        }
+        if let Some(cache) = &self.config.mpl_cache {
+            seed_mpl_config(cache, &mpl).await;
         }
         let info = ConnectionInfo {
             transport: Transport::IPC,
@@ -117,16 +121,28 @@ impl LocalKernelFactory {
             .map_err(|e| KernelError::Start(format!("writing {}: {e}", conn_file.display())))?;
 
         let sandbox = self.config.sandbox.as_ref();
-        let cgroup = match sandbox.and_then(|s| s.cgroups.as_ref().map(|c| (s, c))) {
-            Some((s, root)) => match root.kernel(&format!("k{n}"), s.memory_bytes, s.max_pids) {
-                Ok(cg) => Some(cg),
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot create the kernel's cgroup ({e}); using RLIMIT_AS for memory"
-                    );
-                    None
+        let lease = match sandbox.and_then(|s| s.users.as_ref()) {
+            Some(pool) => {
+                let lease = take_uid(pool, workdir, [&own]).await;
+                if lease.is_err() {
+                    let _ = tokio::fs::remove_dir_all(&own).await;
                 }
-            },
+                Some(lease?)
+            }
+            None => None,
+        };
+        let cgroup = match sandbox.and_then(|s| s.cgroups.as_ref().map(|c| (s, c))) {
+            Some((s, root)) => {
+                match root.kernel(&format!("k{n}"), s.memory_bytes, s.max_pids, s.cpus) {
+                    Ok(cg) => Some(cg),
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot create the kernel's cgroup ({e}); using RLIMIT_AS for memory"
+                        );
+                        None
+                    }
+                }
+            }
             None => None,
         };
         let mut cmd = match sandbox {
@@ -138,11 +154,14 @@ impl LocalKernelFactory {
                         .chain(SYSTEM_WRITE.iter().map(PathBuf::from))
                         .collect(),
                     landlock: s.landlock,
-                    no_network: s.no_network,
+                    network: s.network.clone(),
                     file_size_bytes: s.file_size_bytes,
                     address_space_bytes: cgroup.is_none().then_some(s.memory_bytes),
                     cgroup_procs: cgroup.as_ref().map(|c| c.procs.clone()).unwrap_or_default(),
-                    private_tmp: Some(tmp.clone()),
+                    private_tmp: s.mount_ns.then(|| tmp.clone()),
+                    shm_bytes: s.memory_bytes,
+                    masks: s.masks.clone(),
+                    user: lease.as_ref().map(UidLease::user),
                 };
                 let spec =
                     serde_json::to_string(&spec).map_err(|e| KernelError::Start(e.to_string()))?;
@@ -170,12 +189,18 @@ impl LocalKernelFactory {
             .env("TMPDIR", &tmp)
             .env("HOME", &tmp)
             .env("IPYTHONDIR", tmp.join("ipython"))
+            .env("MPLCONFIGDIR", &mpl)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = match cmd.spawn() {
+        let pid_ns = sandbox.is_some_and(|s| s.pid_ns);
+        if pid_ns {
+            // The wrapper's stdin is its lifeline to us (see the module doc).
+            cmd.stdin(Stdio::piped());
+        }
+        let mut child = match spawn(cmd, pid_ns).await {
             Ok(c) => c,
             Err(e) => {
                 if let Some(cg) = &cgroup {
@@ -189,6 +214,7 @@ impl LocalKernelFactory {
             }
         };
         let pid = child.id();
+        let lifeline = child.stdin.take();
         let stderr_tail = StderrTail::default();
         if let Some(stderr) = child.stderr.take() {
             let tail = stderr_tail.clone();
@@ -208,6 +234,8 @@ impl LocalKernelFactory {
             cgroup,
             start_timeout: self.config.start_timeout,
             stderr_tail,
+            lifeline,
+            lease,
         };
         let (tx, rx) = mpsc::channel(16);
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -230,6 +258,81 @@ impl KernelFactory for LocalKernelFactory {
     }
 }
 
+/// Spawns the kernel's process; with `pid_ns`, as PID 1 of a new PID
+/// namespace. `unshare(CLONE_NEWPID)` changes where the calling thread's
+/// next child goes, so it runs on a thread of its own that ends right
+/// after the spawn: no other spawn of the server is affected.
+async fn spawn(
+    mut cmd: tokio::process::Command,
+    pid_ns: bool,
+) -> std::io::Result<tokio::process::Child> {
+    if !pid_ns {
+        return cmd.spawn();
+    }
+    let (tx, rx) = oneshot::channel();
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("kernel-spawn".into())
+        .spawn(move || {
+            let _entered = runtime.enter();
+            let result = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+                .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+                .and_then(|()| cmd.spawn());
+            let _ = tx.send(result);
+        })?;
+    rx.await
+        .unwrap_or_else(|_| Err(std::io::Error::other("kernel spawn thread failed")))
+}
+
+/// Takes a uid for a kernel in `workdir`: the folder owner's if it is free,
+/// else the next one, to which the folder (and everything in it) is then
+/// handed. `private` (the kernel's runtime folder and files) are given to
+/// it too.
+async fn take_uid<const N: usize>(
+    pool: &UidPool,
+    workdir: &Path,
+    private: [&PathBuf; N],
+) -> Result<UidLease, KernelError> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = tokio::fs::symlink_metadata(workdir)
+        .await
+        .map(|m| m.uid())
+        .ok();
+    let lease = pool.acquire(owner).ok_or_else(|| {
+        KernelError::Start(
+            "no free kernel uid: every uid of --kernel-uids is in use by a live kernel".into(),
+        )
+    })?;
+    let user = lease.user();
+    let workdir = workdir.to_path_buf();
+    let private: Vec<PathBuf> = private.into_iter().cloned().collect();
+    let rehome = owner != Some(user.uid);
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::lchown;
+        for p in &private {
+            for entry in walkdir::WalkDir::new(p).follow_links(false) {
+                let entry = entry.map_err(std::io::Error::other)?;
+                lchown(entry.path(), Some(user.uid), Some(user.gid))?;
+            }
+        }
+        if rehome {
+            // Never follows a symlink: lchown changes the link itself.
+            for entry in walkdir::WalkDir::new(&workdir).follow_links(false) {
+                let entry = entry.map_err(std::io::Error::other)?;
+                lchown(entry.path(), Some(user.uid), Some(user.gid))?;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r)
+    .map_err(|e| {
+        KernelError::Start(format!("giving the session folder to its kernel user: {e}"))
+    })?;
+    Ok(lease)
+}
+
 /// The last lines a kernel wrote to stderr, to explain a failed start.
 #[derive(Clone, Default, Debug)]
 pub(crate) struct StderrTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
@@ -248,6 +351,20 @@ impl StderrTail {
     pub(crate) fn text(&self) -> String {
         let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
         q.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Copies matplotlib's font cache (`fontlist-*.json`) into a kernel's own
+/// config folder; a kernel without it just builds its own, slower.
+async fn seed_mpl_config(cache: &Path, dir: &Path) {
+    let Ok(mut entries) = tokio::fs::read_dir(cache).await else {
+        return;
+    };
+    while let Ok(Some(e)) = entries.next_entry().await {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("fontlist") {
+            let _ = tokio::fs::copy(e.path(), dir.join(&name)).await;
+        }
     }
 }
 

@@ -3,35 +3,71 @@
 //! The server never restricts itself. Each kernel is started through our own
 //! binary (`mcp-python-interpreter __kernel-sandbox PYTHON ARGS...`), which
 //! reads a [`SandboxSpec`] from the environment, applies it to itself and
-//! then `exec`s Python, so everything below holds for the kernel and every
-//! process it starts:
+//! then runs Python, so everything below holds for the kernel and every
+//! process it starts. In the order the wrapper applies them:
 //!
-//! - **Landlock**: the kernel may write only in its session folder and its
-//!   private runtime folder (IPC sockets, TMPDIR, HOME), and read only system
-//!   folders and the Python installation; other sessions and the server's
-//!   data are out of reach.
-//! - **Limits**: memory and process count through a cgroup the server made
+//! - **Limits**: memory, processes and CPU through cgroups the server made
 //!   for this kernel ([`cgroup`]); `RLIMIT_AS` for memory when no cgroup is
 //!   writable; `RLIMIT_FSIZE` caps one file; no core dumps.
-//! - **No network** (`--no-network`): a private network namespace.
+//! - **No network** ([`NetworkPolicy::None`]): a private network namespace.
+//! - **Namespaces** ([`mounts`]): where privilege allows, the server starts
+//!   the wrapper as PID 1 of a new PID namespace (other processes do not
+//!   exist for the kernel; see [`init`]), and the wrapper makes a private
+//!   mount namespace: a fresh `/proc`, a private `/tmp` and `/dev/shm`, and
+//!   private folders (such as `/root`) replaced by empty ones into which
+//!   only what the kernel needs is bound back.
+//! - **No privilege** ([`users`]): a root server's kernels run as an
+//!   unprivileged uid of their own (one per live session), with no
+//!   supplementary groups.
+//! - **Landlock** ([`rules`]): writes only in the session folder and the
+//!   kernel's private runtime folder, reads only in system folders and the
+//!   Python installation; TCP connections only to web ports
+//!   ([`NetworkPolicy::Web`]); no signals and no abstract Unix sockets to
+//!   anything outside the kernel's own processes.
 //!
-//! What is unavailable is logged once at start-up by [`probe`], with what
-//! protection remains.
+//! What this host offers is found once at start-up by [`probe`] and logged.
 
 pub mod cgroup;
+mod init;
+mod mounts;
+pub mod plan;
+pub mod probe;
+mod rules;
+pub mod users;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use probe::{Capabilities, LandlockSupport};
+
 /// Environment variable carrying the JSON [`SandboxSpec`] to the wrapper.
 pub const SPEC_ENV: &str = "MCP_PYTHON_INTERPRETER_SANDBOX";
 /// First argument that turns our binary into the kernel wrapper.
 pub const WRAPPER_ARG: &str = "__kernel-sandbox";
 
+/// What kernels may reach over the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkPolicy {
+    /// Whatever the host allows.
+    Full,
+    /// Outgoing TCP only to these ports (web and proxies; Landlock, Linux
+    /// 6.7+). UDP (DNS) is not restricted.
+    Web { ports: Vec<u16> },
+    /// A private network namespace with no interfaces.
+    None,
+}
+
+/// The Unix identity a kernel runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
 /// What the wrapper applies before it becomes the kernel.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxSpec {
     /// Folders the kernel may read and execute from.
     pub read_only: Vec<PathBuf>,
@@ -39,8 +75,7 @@ pub struct SandboxSpec {
     pub read_write: Vec<PathBuf>,
     /// Apply Landlock (when the running Linux supports it).
     pub landlock: bool,
-    /// Enter a new, empty network namespace.
-    pub no_network: bool,
+    pub network: NetworkPolicy,
     /// `RLIMIT_FSIZE`: largest file the kernel may write.
     pub file_size_bytes: Option<u64>,
     /// `RLIMIT_AS`: used for memory when no cgroup could be made.
@@ -50,6 +85,33 @@ pub struct SandboxSpec {
     /// Bound over `/tmp` in a private mount namespace (programs such as
     /// kaleido's Chromium write to `/tmp` whatever TMPDIR says).
     pub private_tmp: Option<PathBuf>,
+    /// Size of the private `/dev/shm` (a tmpfs; its pages count against
+    /// the kernel's memory limit).
+    pub shm_bytes: u64,
+    /// Folders the kernel must not see (not traversable by its user, such as
+    /// `/root`): replaced by empty ones, with the kept folders beneath them
+    /// bound back.
+    pub masks: Vec<PathBuf>,
+    /// Drop to this user (the server is root).
+    pub user: Option<KernelUser>,
+}
+
+impl Default for SandboxSpec {
+    fn default() -> Self {
+        Self {
+            read_only: Vec::new(),
+            read_write: Vec::new(),
+            landlock: false,
+            network: NetworkPolicy::Full,
+            file_size_bytes: None,
+            address_space_bytes: None,
+            cgroup_procs: Vec::new(),
+            private_tmp: None,
+            shm_bytes: 64 << 20,
+            masks: Vec::new(),
+            user: None,
+        }
+    }
 }
 
 /// System folders every kernel may read.
@@ -81,14 +143,28 @@ pub enum SandboxError {
     Rlimit(&'static str, nix::Error),
     #[error("cannot create a private network namespace: {0}")]
     Network(nix::Error),
+    #[error("cannot hide {0} from the kernel: {1}")]
+    Mask(PathBuf, std::io::Error),
+    #[error("cannot drop privileges to uid {0}: {1}")]
+    User(u32, nix::Error),
     #[error("landlock: {0}")]
     Landlock(String),
     #[error("cannot run {0:?}: {1}")]
     Exec(OsString, std::io::Error),
 }
 
-/// The wrapper: applies the spec from the environment, then execs `args`.
+/// Second argument that marks the wrapper's second stage (see [`exec_wrapped`]).
+const STAGE2_ARG: &str = "--stage2";
+
+/// The wrapper: applies the spec from the environment, then runs `args`.
 /// Returns only on failure.
+///
+/// Outside a PID namespace it applies everything and `exec`s the kernel.
+/// As PID 1 of one it applies what needs privilege (cgroups, limits,
+/// namespaces, mounts), then stays as the namespace's [`init`] and starts
+/// itself again as `--stage2`, which drops to the kernel's user, applies
+/// Landlock and `exec`s the kernel. init itself keeps its uid and stays
+/// outside the Landlock domain, so the kernel cannot signal even PID 1.
 pub fn exec_wrapped(args: Vec<OsString>) -> SandboxError {
     let spec: SandboxSpec = match std::env::var(SPEC_ENV)
         .map_err(|e| e.to_string())
@@ -97,13 +173,45 @@ pub fn exec_wrapped(args: Vec<OsString>) -> SandboxError {
         Ok(s) => s,
         Err(e) => return SandboxError::Spec(e),
     };
-    if let Err(e) = apply(&spec) {
-        return e;
-    }
+    let (stage2, args) = match args.split_first() {
+        Some((first, rest)) if first == STAGE2_ARG => (true, rest),
+        _ => (false, &args[..]),
+    };
     let Some((program, rest)) = args.split_first() else {
         return SandboxError::Spec("no program to run".into());
     };
     use std::os::unix::process::CommandExt;
+    if stage2 {
+        if let Err(e) = confine(&spec) {
+            return e;
+        }
+        let err = std::process::Command::new(program)
+            .args(rest)
+            .env_remove(SPEC_ENV)
+            .exec();
+        return SandboxError::Exec(program.clone(), err);
+    }
+    let pid1 = std::process::id() == 1;
+    let spec = match isolate(spec, pid1) {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    if pid1 {
+        let json = match serde_json::to_string(&spec) {
+            Ok(j) => j,
+            Err(e) => return SandboxError::Spec(e.to_string()),
+        };
+        // /proc/self/exe: our own binary, even where its path is masked.
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg(WRAPPER_ARG)
+            .arg(STAGE2_ARG)
+            .args(args)
+            .env(SPEC_ENV, json);
+        return init::run(cmd);
+    }
+    if let Err(e) = confine(&spec) {
+        return e;
+    }
     let err = std::process::Command::new(program)
         .args(rest)
         .env_remove(SPEC_ENV)
@@ -111,11 +219,13 @@ pub fn exec_wrapped(args: Vec<OsString>) -> SandboxError {
     SandboxError::Exec(program.clone(), err)
 }
 
-fn apply(spec: &SandboxSpec) -> Result<(), SandboxError> {
+/// The privileged part: cgroups, limits, namespaces and mounts. Returns the
+/// spec for [`confine`] (with `/tmp` writable once it is private).
+fn isolate(mut spec: SandboxSpec, pid1: bool) -> Result<SandboxSpec, SandboxError> {
     use nix::sys::resource::{Resource, setrlimit};
     for procs in &spec.cgroup_procs {
-        std::fs::write(procs, std::process::id().to_string())
-            .map_err(|e| SandboxError::Cgroup(procs.clone(), e))?;
+        // "0" is the writer itself, whatever PID namespace it is in.
+        std::fs::write(procs, "0").map_err(|e| SandboxError::Cgroup(procs.clone(), e))?;
     }
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(|e| SandboxError::Rlimit("RLIMIT_CORE", e))?;
     if let Some(b) = spec.file_size_bytes {
@@ -125,132 +235,43 @@ fn apply(spec: &SandboxSpec) -> Result<(), SandboxError> {
     if let Some(b) = spec.address_space_bytes {
         setrlimit(Resource::RLIMIT_AS, b, b).map_err(|e| SandboxError::Rlimit("RLIMIT_AS", e))?;
     }
-    if spec.no_network {
+    if spec.network == NetworkPolicy::None {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(SandboxError::Network)?;
     }
-    let mut spec = spec.clone();
-    if let Some(dir) = &spec.private_tmp {
-        match private_tmp(dir, spec.read_only.iter().chain(&spec.read_write)) {
-            Ok(()) => spec.read_write.push(PathBuf::from("/tmp")),
-            Err(e) => eprintln!(
+    if spec.private_tmp.is_some() || !spec.masks.is_empty() || pid1 {
+        match mounts::private_view(&spec, pid1) {
+            Ok(view) => {
+                if view.tmp {
+                    spec.read_write.push(PathBuf::from("/tmp"));
+                }
+            }
+            // Masks are only asked for where the probe found mount
+            // namespaces to work: failing here is an error, not a downgrade.
+            Err(e) if !spec.masks.is_empty() => return Err(e),
+            Err(e) => eprintln_quiet(&format!(
                 "mcp-python-interpreter kernel sandbox: no private /tmp ({e}); /tmp stays unwritable"
-            ),
+            )),
         }
     }
+    spec.private_tmp = None;
+    spec.masks.clear();
+    spec.cgroup_procs.clear();
+    Ok(spec)
+}
+
+/// The unprivileged part: the kernel's user, then Landlock.
+fn confine(spec: &SandboxSpec) -> Result<(), SandboxError> {
+    if let Some(user) = spec.user {
+        users::become_user(user)?;
+    }
     if spec.landlock {
-        landlock_restrict(&spec)?;
+        rules::restrict(spec)?;
     }
     Ok(())
 }
 
-/// A mount namespace of our own in which `dir` is `/tmp`, with every folder
-/// of `keep` that lived under `/tmp` bound back at its old path. Needs
-/// privilege (root, or a user namespace); without it `/tmp` stays unwritable.
-fn private_tmp<'a>(
-    dir: &std::path::Path,
-    keep: impl Iterator<Item = &'a PathBuf>,
-) -> std::io::Result<()> {
-    use nix::mount::{MsFlags, mount};
-    let io = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(io)?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(io)?;
-    // Hold the folders open (in the new namespace): once /tmp is covered,
-    // their paths lead elsewhere.
-    let kept: Vec<(PathBuf, std::fs::File)> = keep
-        .filter(|p| p.starts_with("/tmp"))
-        .filter_map(|p| std::fs::File::open(p).ok().map(|f| (p.clone(), f)))
-        .collect();
-    mount(
-        Some(dir),
-        "/tmp",
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(io)?;
-    for (path, file) in &kept {
-        use std::os::fd::AsRawFd;
-        std::fs::create_dir_all(path)?;
-        let source = format!("/proc/self/fd/{}", file.as_raw_fd());
-        mount(
-            Some(source.as_str()),
-            path,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(io)?;
-    }
-    Ok(())
-}
-
-fn landlock_restrict(spec: &SandboxSpec) -> Result<landlock::RulesetStatus, SandboxError> {
-    use landlock::{
-        ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, path_beneath_rules,
-    };
-    let abi = ABI::V5;
-    let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
-    let status = Ruleset::default()
-        .handle_access(AccessFs::from_all(abi))
-        .map_err(err)?
-        .create()
-        .map_err(err)?
-        .add_rules(path_beneath_rules(
-            &spec.read_only,
-            AccessFs::from_read(abi),
-        ))
-        .map_err(err)?
-        .add_rules(path_beneath_rules(
-            &spec.read_write,
-            AccessFs::from_all(abi),
-        ))
-        .map_err(err)?
-        .restrict_self()
-        .map_err(err)?;
-    Ok(status.ruleset)
-}
-
-/// What isolation this machine offers, found once at start-up by running the
-/// wrapper in probe mode (Landlock applies per process, so the server does
-/// not try it on itself).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LandlockSupport {
-    Full,
-    Partial,
-    None,
-}
-
-/// Runs `exe __kernel-sandbox --probe` and reports what Landlock enforces here.
-pub fn probe(exe: &std::path::Path) -> LandlockSupport {
-    let out = std::process::Command::new(exe)
-        .args([WRAPPER_ARG, "--probe"])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output();
-    match out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()) {
-        Ok(s) if s == "full" => LandlockSupport::Full,
-        Ok(s) if s == "partial" => LandlockSupport::Partial,
-        _ => LandlockSupport::None,
-    }
-}
-
-/// The probe side: restricts itself (nothing allowed) and prints the status.
-pub fn probe_main() {
-    let spec = SandboxSpec {
-        landlock: true,
-        ..Default::default()
-    };
-    let status = match landlock_restrict(&spec) {
-        Ok(landlock::RulesetStatus::FullyEnforced) => "full",
-        Ok(landlock::RulesetStatus::PartiallyEnforced) => "partial",
-        _ => "none",
-    };
-    println!("{status}");
+/// A line on stderr that is dropped if stderr is gone (never panics).
+fn eprintln_quiet(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }

@@ -269,3 +269,21 @@ pub async fn listening_url(
     .await
     .expect("server did not start listening")
 }
+
+/// The host pid of the ipykernel serving `session_id` (found by its working
+/// folder). A kernel in a PID namespace of its own sees another pid for
+/// itself, so tests that signal a kernel look it up here.
+pub fn kernel_pid(session_id: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            // Not the sandbox wrapper (the namespace's init), the kernel itself.
+            let is_kernel = cmd.contains("ipykernel_launcher") && !cmd.contains("__kernel-sandbox");
+            is_kernel
+                && std::fs::read_link(format!("/proc/{p}/cwd"))
+                    .is_ok_and(|cwd| cwd.ends_with(session_id))
+        })
+}

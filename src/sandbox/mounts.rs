@@ -1,0 +1,127 @@
+//! The kernel's private view of the file system (a mount namespace).
+//!
+//! Made by the wrapper, as root, before it drops privileges:
+//! - a fresh `/proc` when the wrapper is PID 1 of its own PID namespace, so
+//!   the kernel sees only its own processes;
+//! - the kernel's private folder bound over `/tmp`, and an empty tmpfs over
+//!   `/dev/shm` (nothing is shared with other kernels through either);
+//! - each folder of `masks` (private folders such as `/root` on the way to
+//!   the Python installation or the session folder) replaced by an empty
+//!   tmpfs, into which the kept folders beneath it are bound back at their
+//!   old paths. The kernel can then reach its interpreter and its folder,
+//!   and nothing else that was there.
+//!
+//! Kept folders are opened before anything is covered and bound from those
+//! open descriptors, so covering a parent cannot hide them.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MsFlags, mount};
+
+use super::{SandboxError, SandboxSpec};
+
+/// What [`private_view`] managed to set up.
+pub(super) struct View {
+    /// `/tmp` is the kernel's own (writable) folder.
+    pub tmp: bool,
+}
+
+fn io(e: nix::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+pub(super) fn private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, SandboxError> {
+    let fail = |p: &Path, e: std::io::Error| SandboxError::Mask(p.to_path_buf(), e);
+    let root = Path::new("/");
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| fail(root, io(e)))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| fail(root, io(e)))?;
+    if pid1 {
+        // Best effort: without it /proc still shows the host's processes,
+        // but none of them can be signalled from this namespace.
+        let _ = mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        );
+    }
+
+    let mut covered: Vec<&Path> = spec.masks.iter().map(PathBuf::as_path).collect();
+    if spec.private_tmp.is_some() {
+        covered.push(Path::new("/tmp"));
+    }
+    // Hold every kept folder (and the private /tmp) open before anything is covered.
+    let mut kept: Vec<(PathBuf, File)> = spec
+        .read_only
+        .iter()
+        .chain(&spec.read_write)
+        .filter(|p| covered.iter().any(|c| p.starts_with(c) && p != c))
+        .filter_map(|p| File::open(p).ok().map(|f| (p.clone(), f)))
+        .collect();
+    kept.sort_by_key(|(p, _)| p.components().count());
+    kept.dedup_by(|a, b| a.0 == b.0);
+    let tmp = match &spec.private_tmp {
+        Some(dir) => Some(File::open(dir).map_err(|e| fail(dir, e))?),
+        None => None,
+    };
+
+    for m in &spec.masks {
+        mount(
+            Some("tmpfs"),
+            m,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755,size=1m"),
+        )
+        .map_err(|e| fail(m, io(e)))?;
+    }
+    if let Some(t) = &tmp {
+        bind_fd(t, Path::new("/tmp")).map_err(|e| fail(Path::new("/tmp"), e))?;
+    }
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let _ = mount(
+            Some("tmpfs"),
+            shm,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(format!("mode=1777,size={}", spec.shm_bytes.max(1 << 20)).as_str()),
+        );
+    }
+    for (path, file) in &kept {
+        let is_dir = file.metadata().map(|m| m.is_dir()).unwrap_or(false);
+        if is_dir {
+            std::fs::create_dir_all(path).map_err(|e| fail(path, e))?;
+        } else {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| fail(path, e))?;
+            }
+            File::create(path).map_err(|e| fail(path, e))?;
+        }
+        bind_fd(file, path).map_err(|e| fail(path, e))?;
+    }
+    Ok(View { tmp: tmp.is_some() })
+}
+
+/// Binds the folder or file open as `source` at `target`.
+fn bind_fd(source: &File, target: &Path) -> std::io::Result<()> {
+    let from = format!("/proc/self/fd/{}", source.as_raw_fd());
+    mount(
+        Some(from.as_str()),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(io)
+}
