@@ -110,7 +110,7 @@ struct Args {
     /// Do not confine kernels (no Landlock, cgroups or rlimits). For debugging only.
     #[arg(long)]
     no_sandbox: bool,
-    /// Memory limit of each kernel (cgroup, or RLIMIT_AS without cgroups): MiB,
+    /// Memory limit of each kernel (cgroup, or RLIMIT_DATA without cgroups): MiB,
     /// or a size with a unit (512M, 2G); a plain number above 1048576 is bytes.
     #[arg(long, default_value = "2048", env = "MCP_KERNEL_MEMORY_LIMIT", value_parser = parse_memory_limit)]
     kernel_memory_limit: u64,

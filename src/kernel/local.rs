@@ -137,7 +137,7 @@ impl LocalKernelFactory {
                     Ok(cg) => Some(cg),
                     Err(e) => {
                         tracing::warn!(
-                            "cannot create the kernel's cgroup ({e}); using RLIMIT_AS for memory"
+                            "cannot create the kernel's cgroup ({e}); using RLIMIT_DATA for memory"
                         );
                         None
                     }
@@ -152,11 +152,12 @@ impl LocalKernelFactory {
                     read_write: [workdir.to_path_buf(), own.clone()]
                         .into_iter()
                         .chain(SYSTEM_WRITE.iter().map(PathBuf::from))
+                        .chain(s.shared_tmp.then(|| PathBuf::from("/tmp")))
                         .collect(),
                     landlock: s.landlock,
                     network: s.network.clone(),
                     file_size_bytes: s.file_size_bytes,
-                    address_space_bytes: cgroup.is_none().then_some(s.memory_bytes),
+                    data_bytes: cgroup.is_none().then_some(s.memory_bytes),
                     cgroup_procs: cgroup.as_ref().map(|c| c.procs.clone()).unwrap_or_default(),
                     private_tmp: s.mount_ns.then(|| tmp.clone()),
                     shm_bytes: s.memory_bytes,

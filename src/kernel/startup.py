@@ -101,6 +101,80 @@ def __mcp_interpreter_setup():
 
     ip.events.register("pre_execute", unpin)
 
+    _guard_kaleido()
+
+
+def _guard_kaleido():
+    # kaleido 0.2 waits for its Chromium's first line with no time limit, so
+    # a Chromium that cannot start (no writable /tmp, a missing library, a
+    # memory limit) would hang the cell until the call's time limit. When
+    # kaleido is imported, give its start-up a bound: past it, its process
+    # tree is killed and kaleido raises its own "Failed to start" error with
+    # Chromium's messages.
+    import importlib.abc
+    import importlib.util
+    import sys
+    import threading
+
+    limit = 20.0
+
+    def guard(base):
+        original = base.BaseScope._ensure_kaleido
+
+        def ensure(self):
+            done = threading.Event()
+
+            def watchdog():
+                if done.wait(limit):
+                    return
+                proc = getattr(self, "_proc", None)
+                if proc is None:
+                    return
+                try:
+                    import psutil
+
+                    for child in psutil.Process(proc.pid).children(recursive=True):
+                        child.kill()
+                except Exception:
+                    pass
+                proc.kill()
+                try:
+                    self._std_error.write(
+                        f"\n[mcp-python-interpreter: Chromium did not start within {limit:.0f} s and was stopped]\n".encode()
+                    )
+                except Exception:
+                    pass
+
+            threading.Thread(target=watchdog, daemon=True).start()
+            try:
+                return original(self)
+            finally:
+                done.set()
+
+        base.BaseScope._ensure_kaleido = ensure
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "kaleido.scopes.base":
+                return None
+            sys.meta_path.remove(self)  # once: the module is then cached
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_and_guard(module):
+                exec_module(module)
+                try:
+                    guard(module)
+                except Exception:
+                    pass
+
+            spec.loader.exec_module = exec_and_guard
+            return spec
+
+    sys.meta_path.insert(0, Finder())
+
 
 __mcp_interpreter_setup()
-del __mcp_interpreter_setup
+del __mcp_interpreter_setup, _guard_kaleido

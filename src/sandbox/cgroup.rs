@@ -7,7 +7,7 @@
 //! other kernel, so one busy session cannot take the whole machine.
 //! The server creates one group per kernel under a group of its own and
 //! removes it when the kernel is gone. Without a writable hierarchy the
-//! caller falls back to `RLIMIT_AS`.
+//! caller falls back to `RLIMIT_DATA`.
 
 use std::path::{Path, PathBuf};
 

@@ -7,7 +7,7 @@
 //! process it starts. In the order the wrapper applies them:
 //!
 //! - **Limits**: memory, processes and CPU through cgroups the server made
-//!   for this kernel ([`cgroup`]); `RLIMIT_AS` for memory when no cgroup is
+//!   for this kernel ([`cgroup`]); `RLIMIT_DATA` for memory when no cgroup is
 //!   writable; `RLIMIT_FSIZE` caps one file; no core dumps.
 //! - **No network** ([`NetworkPolicy::None`]): a private network namespace.
 //! - **Namespaces** ([`mounts`]): where privilege allows, the server starts
@@ -78,8 +78,11 @@ pub struct SandboxSpec {
     pub network: NetworkPolicy,
     /// `RLIMIT_FSIZE`: largest file the kernel may write.
     pub file_size_bytes: Option<u64>,
-    /// `RLIMIT_AS`: used for memory when no cgroup could be made.
-    pub address_space_bytes: Option<u64>,
+    /// `RLIMIT_DATA`: used for memory when no cgroup could be made. Not
+    /// `RLIMIT_AS`: V8 (kaleido's Chromium), Go and Java reserve far more
+    /// address space than they use and die under it; the data limit counts
+    /// writable private memory, which is what a cell can actually fill.
+    pub data_bytes: Option<u64>,
     /// `cgroup.procs` files the wrapper moves itself into.
     pub cgroup_procs: Vec<PathBuf>,
     /// Bound over `/tmp` in a private mount namespace (programs such as
@@ -104,7 +107,7 @@ impl Default for SandboxSpec {
             landlock: false,
             network: NetworkPolicy::Full,
             file_size_bytes: None,
-            address_space_bytes: None,
+            data_bytes: None,
             cgroup_procs: Vec::new(),
             private_tmp: None,
             shm_bytes: 64 << 20,
@@ -232,8 +235,9 @@ fn isolate(mut spec: SandboxSpec, pid1: bool) -> Result<SandboxSpec, SandboxErro
         setrlimit(Resource::RLIMIT_FSIZE, b, b)
             .map_err(|e| SandboxError::Rlimit("RLIMIT_FSIZE", e))?;
     }
-    if let Some(b) = spec.address_space_bytes {
-        setrlimit(Resource::RLIMIT_AS, b, b).map_err(|e| SandboxError::Rlimit("RLIMIT_AS", e))?;
+    if let Some(b) = spec.data_bytes {
+        setrlimit(Resource::RLIMIT_DATA, b, b)
+            .map_err(|e| SandboxError::Rlimit("RLIMIT_DATA", e))?;
     }
     if spec.network == NetworkPolicy::None {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(SandboxError::Network)?;
@@ -263,6 +267,8 @@ fn isolate(mut spec: SandboxSpec, pid1: bool) -> Result<SandboxSpec, SandboxErro
 fn confine(spec: &SandboxSpec) -> Result<(), SandboxError> {
     if let Some(user) = spec.user {
         users::become_user(user)?;
+        // What the kernel creates is its own alone, wherever it lands.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     }
     if spec.landlock {
         rules::restrict(spec)?;

@@ -33,6 +33,10 @@ pub struct SandboxSettings {
     pub mount_ns: bool,
     /// Each kernel gets a PID namespace of its own.
     pub pid_ns: bool,
+    /// No private /tmp is possible, but kernels have uids of their own:
+    /// they may write the host's /tmp (sticky, and their umask is 077), so
+    /// programs that insist on /tmp (kaleido's Chromium) work.
+    pub shared_tmp: bool,
     /// Folders hidden from kernels (see [`super::SandboxSpec::masks`]).
     pub masks: Vec<PathBuf>,
     /// uids for kernels, when the server is root.
@@ -136,6 +140,7 @@ pub fn plan(input: PlanInput<'_>) -> Result<Option<SandboxSettings>, PlanError> 
         cgroups: input.cgroups,
         mount_ns: caps.mount_ns,
         pid_ns: caps.pid_ns && caps.mount_ns,
+        shared_tmp: root && !caps.mount_ns,
         masks,
         users,
     }))
@@ -213,11 +218,17 @@ fn log_layers(caps: &Capabilities, input: &PlanInput<'_>, root: bool, masks: &[P
             }
         ),
     }
-    if !caps.mount_ns {
-        tracing::warn!(
-            "kernel /tmp: no mount namespaces here, so no private /tmp or /dev/shm; /tmp stays \
-             unwritable to kernels (TMPDIR points to a private folder)"
-        );
+    match (caps.mount_ns, root) {
+        (true, _) => tracing::info!("kernel /tmp: private /tmp and /dev/shm per kernel"),
+        (false, true) => tracing::warn!(
+            "kernel /tmp: no mount namespaces here, so kernels share the host's /tmp and /dev/shm \
+             (each with its own uid and umask 077, so they cannot read each other's files there)"
+        ),
+        (false, false) => tracing::warn!(
+            "kernel /tmp: no mount namespaces here; /tmp stays unwritable to kernels (TMPDIR \
+             points to a private folder), and programs that insist on /tmp fail (plotly's \
+             kaleido export fails with a clear error)"
+        ),
     }
     match &input.network {
         NetworkPolicy::Web { ports } if caps.landlock_net => {
@@ -248,7 +259,7 @@ fn log_layers(caps: &Capabilities, input: &PlanInput<'_>, root: bool, masks: &[P
             }
         ),
         None => tracing::warn!(
-            "kernel limits: no writable cgroup hierarchy; memory is limited with RLIMIT_AS, and \
+            "kernel limits: no writable cgroup hierarchy; memory is limited with RLIMIT_DATA per process, and \
              neither the number of processes nor CPU is limited"
         ),
     }
