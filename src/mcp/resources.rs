@@ -1,4 +1,6 @@
-//! `kernel://{session_id}/{path}` resources: URIs, and reading files safely.
+//! `kernel://{session_id}/{path}` resources: URIs, and reads. The file is
+//! opened and read by [`crate::workspace::Workspace::read_file`] (beneath the
+//! session folder, no symlinks); this module only maps its answers to MCP.
 
 use base64::Engine;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -7,7 +9,7 @@ use rmcp::model::{ReadResourceResult, ResourceContents, ResourceTemplate};
 
 use crate::auth::Principal;
 use crate::session::Registry;
-use crate::workspace::{self, PathError};
+use crate::workspace::{self, PathError, ReadError};
 
 const SCHEME: &str = "kernel://";
 /// Largest file served through a resource read.
@@ -60,39 +62,28 @@ pub async fn read(
             None,
         )
     })?;
-    let path = session.workspace.resolve(rel).map_err(|e| match e {
-        PathError::NotFound => {
-            McpError::resource_not_found(format!("no file {rel:?} in session {session_id}"), None)
-        }
-        other => McpError::invalid_params(format!("refused resource path {rel:?}: {other}"), None),
-    })?;
-    let meta = tokio::fs::metadata(&path).await.map_err(|_| {
-        McpError::resource_not_found(format!("no file {rel:?} in session {session_id}"), None)
-    })?;
-    if !meta.is_file() {
-        return Err(McpError::invalid_params(
-            format!("{rel:?} is a folder, not a file; list_session_files lists the files"),
-            None,
-        ));
-    }
-    if meta.len() > MAX_RESOURCE_BYTES {
-        return Err(McpError::invalid_params(
-            format!(
-                "{rel:?} is {} bytes; files over {MAX_RESOURCE_BYTES} bytes are not served",
-                meta.len()
+    let (bytes, file) = session
+        .workspace
+        .read_file(rel, MAX_RESOURCE_BYTES)
+        .await
+        .map_err(|e| match e {
+            ReadError::Path(PathError::NotFound) => McpError::resource_not_found(
+                format!("no file {rel:?} in session {session_id}"),
+                None,
             ),
-            None,
-        ));
-    }
-    let bytes = tokio::fs::read(&path).await.map_err(|e| {
-        tracing::warn!("reading {}: {e}", path.display());
-        McpError::internal_error("could not read the file", None)
-    })?;
-    let rel_str = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mime = workspace::mime_for(&rel_str);
+            ReadError::Folder => McpError::invalid_params(
+                format!("{rel:?} is a folder, not a file; list_session_files lists the files"),
+                None,
+            ),
+            ReadError::Io(e) => {
+                tracing::warn!(session = session_id, "reading {rel:?}: {e}");
+                McpError::internal_error("could not read the file", None)
+            }
+            other => {
+                McpError::invalid_params(format!("refused resource path {rel:?}: {other}"), None)
+            }
+        })?;
+    let mime = file.mime;
     let contents = if workspace::is_textual(&mime) {
         match String::from_utf8(bytes) {
             Ok(text) => ResourceContents::text(text, uri.to_string()).with_mime_type(mime),

@@ -3,17 +3,29 @@
 //! A workspace knows nothing about kernels or MCP. It lists files, tells what
 //! an execution created or changed (a snapshot of size and mtime per file,
 //! brought up to date from inotify's list of touched paths, see [`watch`]),
-//! saves images a kernel displayed, and resolves client paths safely
-//! ([`path::resolve`]).
+//! creates the files the server writes (figures, long output), and reads
+//! files for clients.
+//!
+//! The folder is opened once, when the workspace is created, and every file
+//! operation afterwards is relative to that descriptor: a folder renamed or
+//! replaced by a symlink later redirects nothing. Paths below it are opened
+//! with [`path::open`] (`openat2`, `RESOLVE_BENEATH`, no symlinks followed),
+//! walks descend folder by folder through descriptors, and what is checked
+//! (regular file, size) is the opened file (`fstat`), never a name. The
+//! kernel runs in this folder and may swap any name in it at any moment.
 
 pub mod path;
 mod watch;
 
 use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, Stat};
+use rustix::io::Errno;
 use watch::{Changed, Watcher};
 
 pub use path::PathError;
@@ -21,6 +33,9 @@ pub use path::PathError;
 /// At most this many files are tracked per session folder; beyond it a
 /// snapshot stops walking (and the caller is told, see [`Snapshot::truncated`]).
 const MAX_TRACKED_FILES: usize = 20_000;
+/// [`Workspace::create_new`] tries at most this many names; a kernel that
+/// planted files or links at all of them makes it fail rather than spin.
+const MAX_NAME_TRIES: u32 = 10_000;
 
 /// A file in a session folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +52,21 @@ pub enum Change {
     Updated,
 }
 
+/// Why [`Workspace::read_file`] returned no bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("this is a folder, not a file")]
+    Folder,
+    #[error("this is not a regular file")]
+    NotAFile,
+    #[error("the file is {size} bytes; files over {max} bytes are not served")]
+    TooLarge { size: u64, max: u64 },
+    #[error("reading failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Size and modification time of every file, keyed by relative path.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
@@ -47,7 +77,11 @@ pub struct Snapshot {
 /// The folder of one session.
 #[derive(Debug)]
 pub struct Workspace {
+    /// Where the folder was created: the kernel's working directory, and
+    /// what [`Workspace::remove`] deletes. Never used to reach files in it.
     root: PathBuf,
+    /// The folder, opened at creation; every file operation starts here.
+    dir: Arc<OwnedFd>,
     /// What changed since the last look; `None` if inotify is unavailable
     /// (then every look walks the folder).
     watcher: Arc<Mutex<Option<Watcher>>>,
@@ -58,17 +92,24 @@ impl Workspace {
     pub async fn create(root: PathBuf) -> std::io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         let r = root.clone();
-        let watcher = tokio::task::spawn_blocking(move || {
+        let (dir, watcher) = tokio::task::spawn_blocking(move || {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&r)?;
-            Ok::<_, std::io::Error>(Watcher::new(&r))
+            let dir = rustix::fs::open(
+                &r,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let watcher = Watcher::new(dir.as_fd());
+            Ok::<_, std::io::Error>((dir, watcher))
         })
         .await
         .map_err(std::io::Error::other)??;
         Ok(Self {
             root,
+            dir: Arc::new(dir),
             watcher: Arc::new(Mutex::new(watcher)),
         })
     }
@@ -77,15 +118,10 @@ impl Workspace {
         &self.root
     }
 
-    /// Resolves a client-supplied relative path inside this folder.
-    pub fn resolve(&self, rel: &str) -> Result<PathBuf, PathError> {
-        path::resolve(&self.root, rel)
-    }
-
     /// Walks the folder (symlinks are not followed) and records every file.
     pub async fn snapshot(&self) -> Snapshot {
-        let root = self.root.clone();
-        tokio::task::spawn_blocking(move || snapshot_blocking(&root, &mut None))
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || walk(dir.as_fd(), &mut None))
             .await
             .unwrap_or_default()
     }
@@ -103,12 +139,12 @@ impl Workspace {
         if changed == Changed::Nothing {
             return Vec::new();
         }
-        let root = self.root.clone();
+        let dir = self.dir.clone();
         let watcher = self.watcher.clone();
         let prev = std::mem::take(snap);
         let (next, changes) = tokio::task::spawn_blocking(move || {
             let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
-            refresh_blocking(&root, &mut watcher, changed, prev)
+            refresh_blocking(dir.as_fd(), &mut watcher, changed, prev)
         })
         .await
         .unwrap_or_default();
@@ -128,6 +164,22 @@ impl Workspace {
         files
     }
 
+    /// The bytes of the regular file at `rel` (a client's path, checked by
+    /// [`path::parse`]), if it is at most `max_bytes` long. The file is
+    /// opened once, beneath the folder and through no symlink, and the
+    /// opened file is the one checked and read.
+    pub async fn read_file(
+        &self,
+        rel: &str,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, FileInfo), ReadError> {
+        let rel = path::parse(rel)?;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || read_blocking(dir.as_fd(), rel.as_str(), max_bytes))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     /// Saves bytes as `{stem}_{n}.{ext}` with the first free `n`.
     pub async fn save_new(
         &self,
@@ -143,33 +195,35 @@ impl Workspace {
     }
 
     /// Creates `{stem}_{n}.{ext}` with the first free `n` (never overwrites);
-    /// returns the open file and its relative name.
+    /// returns the open file and its relative name. Every file the server
+    /// creates in a session folder is created here: `O_CREAT | O_EXCL |
+    /// O_NOFOLLOW` beneath the folder's descriptor (a name taken by anything,
+    /// a planted symlink included, is skipped), mode 0644, then given to the
+    /// folder's owner, so a kernel running as that user may change or delete
+    /// it (a no-op when the server owns the folder; refused, and ignored,
+    /// when the server may not give files away).
     pub async fn create_new(
         &self,
         stem: &str,
         ext: &str,
     ) -> std::io::Result<(tokio::fs::File, String)> {
-        for n in 1u32.. {
-            let name = format!("{stem}_{n}.{ext}");
-            match tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(self.root.join(&name))
+        let dir = self.dir.clone();
+        let (stem, ext) = (stem.to_string(), ext.to_string());
+        let (file, name) =
+            tokio::task::spawn_blocking(move || create_blocking(dir.as_fd(), &stem, &ext))
                 .await
-            {
-                Ok(f) => return Ok((f, name)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(std::io::Error::other("no free file name"))
+                .map_err(std::io::Error::other)??;
+        Ok((tokio::fs::File::from_std(file), name))
     }
 
     fn lock_watcher(&self) -> std::sync::MutexGuard<'_, Option<Watcher>> {
         self.watcher.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Deletes the folder and everything in it.
+    /// Deletes the folder and everything in it. Symlinks are removed, never
+    /// followed: `remove_dir_all` opens each folder with `O_NOFOLLOW` and
+    /// unlinks relative to it, and if the folder's own path has become a
+    /// symlink, only that link goes.
     pub async fn remove(&self) -> std::io::Result<()> {
         match tokio::fs::remove_dir_all(&self.root).await {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -200,8 +254,114 @@ impl Snapshot {
     }
 }
 
+fn read_blocking(
+    dir: BorrowedFd<'_>,
+    rel: &str,
+    max_bytes: u64,
+) -> Result<(Vec<u8>, FileInfo), ReadError> {
+    // O_NONBLOCK: a FIFO planted at the name must not hang the read.
+    let fd = path::open(
+        dir,
+        rel,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| match path::error_of(e) {
+        Ok(p) => ReadError::Path(p),
+        Err(e) => ReadError::Io(e.into()),
+    })?;
+    let st = rustix::fs::fstat(&fd).map_err(std::io::Error::from)?;
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {}
+        FileType::Directory => return Err(ReadError::Folder),
+        _ => return Err(ReadError::NotAFile),
+    }
+    let size = size_of(&st);
+    if size > max_bytes {
+        return Err(ReadError::TooLarge {
+            size,
+            max: max_bytes,
+        });
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    // The file may grow after the fstat; never read past the limit.
+    std::fs::File::from(fd)
+        .take(max_bytes + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(ReadError::TooLarge {
+            size: bytes.len() as u64,
+            max: max_bytes,
+        });
+    }
+    let info = file_info(rel, bytes.len() as u64);
+    Ok((bytes, info))
+}
+
+fn create_blocking(
+    dir: BorrowedFd<'_>,
+    stem: &str,
+    ext: &str,
+) -> std::io::Result<(std::fs::File, String)> {
+    let owner = rustix::fs::fstat(dir)?;
+    for n in 1..=MAX_NAME_TRIES {
+        let name = format!("{stem}_{n}.{ext}");
+        let fd = match path::open(
+            dir,
+            &name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            Mode::from_raw_mode(0o644),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if let Err(e) = give_to_owner_of(&fd, &owner) {
+            let _ = rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty());
+            return Err(e.into());
+        }
+        return Ok((std::fs::File::from(fd), name));
+    }
+    Err(std::io::Error::other(format!(
+        "no free name {stem}_N.{ext} for N up to {MAX_NAME_TRIES}"
+    )))
+}
+
+/// Gives the file `fd` the owner and group of the folder `owner` describes.
+/// `EPERM` (the server may not give files away) is not an error.
+fn give_to_owner_of(fd: &OwnedFd, owner: &Stat) -> rustix::io::Result<()> {
+    let st = rustix::fs::fstat(fd)?;
+    if (st.st_uid, st.st_gid) == (owner.st_uid, owner.st_gid) {
+        return Ok(());
+    }
+    match rustix::fs::fchown(
+        fd,
+        Some(rustix::fs::Uid::from_raw(owner.st_uid)),
+        Some(rustix::fs::Gid::from_raw(owner.st_gid)),
+    ) {
+        Err(Errno::PERM) => Ok(()),
+        other => other,
+    }
+}
+
+fn size_of(st: &Stat) -> u64 {
+    u64::try_from(st.st_size).unwrap_or(0)
+}
+
+/// What a snapshot remembers of a regular file; `None` for anything else.
+fn stamp(st: &Stat) -> Option<(u64, Option<SystemTime>)> {
+    if !FileType::from_raw_mode(st.st_mode).is_file() {
+        return None;
+    }
+    let mtime = u64::try_from(st.st_mtime)
+        .ok()
+        .zip(u32::try_from(st.st_mtime_nsec).ok())
+        .and_then(|(s, ns)| SystemTime::UNIX_EPOCH.checked_add(Duration::new(s, ns)));
+    Some((size_of(st), mtime))
+}
+
 fn refresh_blocking(
-    root: &Path,
+    dir: BorrowedFd<'_>,
     watcher: &mut Option<Watcher>,
     changed: Changed,
     mut snap: Snapshot,
@@ -211,13 +371,10 @@ fn refresh_blocking(
         Changed::Paths(paths) => {
             let mut out = Vec::new();
             for rel in paths {
-                let meta = match std::fs::symlink_metadata(root.join(&rel)) {
-                    Ok(m) if m.is_file() => (m.len(), m.modified().ok()),
-                    // Removed, or no longer a regular file.
-                    _ => {
-                        snap.files.remove(&rel);
-                        continue;
-                    }
+                let Some(meta) = path::stat(dir, &rel).ok().as_ref().and_then(stamp) else {
+                    // Removed, no longer a regular file, or behind a symlink.
+                    snap.files.remove(&rel);
+                    continue;
                 };
                 let change = match snap.files.get(&rel) {
                     None if snap.files.len() >= MAX_TRACKED_FILES => {
@@ -235,49 +392,80 @@ fn refresh_blocking(
             (snap, out)
         }
         Changed::Everything => {
-            let next = snapshot_blocking(root, watcher);
+            let next = walk(dir, watcher);
             let changes = snap.changes(&next);
             (next, changes)
         }
     }
 }
 
-/// Walks the folder. With a watcher, (re-)watches every directory before
-/// reading it, so nothing created in it afterwards goes unseen; a watcher
-/// that cannot add a watch (limit reached) is dropped for good.
-fn snapshot_blocking(root: &Path, watcher: &mut Option<Watcher>) -> Snapshot {
+/// Walks the folder, one sub-folder at a time, each opened beneath the
+/// folder through no symlink ([`path::open`]); symlinks are skipped, as are
+/// names that are not UTF-8. With a watcher, (re-)watches every folder
+/// before reading it, so nothing created in it afterwards goes unseen; a
+/// watcher that cannot add a watch (limit reached) is dropped for good.
+fn walk(root: BorrowedFd<'_>, watcher: &mut Option<Watcher>) -> Snapshot {
     let mut snap = Snapshot::default();
-    if let Some(w) = watcher
-        && w.watch_dir(root, "").is_err()
-    {
-        *watcher = None;
-    }
-    for entry in walkdir::WalkDir::new(root).min_depth(1).follow_links(false) {
-        let Ok(entry) = entry else { continue };
-        if entry.file_type().is_dir() {
-            if let Some(w) = watcher
-                && let Some(rel) = entry.path().strip_prefix(root).ok().and_then(Path::to_str)
-                && let Err(e) = w.watch_dir(root, rel)
-            {
-                tracing::debug!("cannot watch {rel} ({e}); this folder will be walked");
-                *watcher = None;
-            }
-            continue;
-        }
-        if !entry.file_type().is_file() {
-            continue;
-        }
-        if snap.files.len() >= MAX_TRACKED_FILES {
-            snap.truncated = true;
-            break;
-        }
-        let Ok(rel) = entry.path().strip_prefix(root) else {
-            continue;
+    // Folders still to read, relative to the root ("" is the root). Only
+    // the folder being read is open, so deep trees cost no descriptors.
+    let mut todo = vec![String::new()];
+    'walk: while let Some(rel) = todo.pop() {
+        let opened = if rel.is_empty() {
+            Dir::read_from(root)
+        } else {
+            path::open(
+                root,
+                &rel,
+                OFlags::RDONLY | OFlags::DIRECTORY,
+                Mode::empty(),
+            )
+            .and_then(Dir::new)
         };
-        let Some(rel) = rel.to_str() else { continue };
-        let Ok(meta) = entry.metadata() else { continue };
-        snap.files
-            .insert(rel.to_string(), (meta.len(), meta.modified().ok()));
+        let Ok(mut entries) = opened else { continue };
+        let Ok(fd) = entries.fd() else { continue };
+        if let Some(w) = watcher
+            && let Err(e) = w.watch_dir(fd, &rel)
+        {
+            tracing::debug!("cannot watch {rel:?} ({e}); this folder will be walked");
+            *watcher = None;
+        }
+        let mut files = Vec::new();
+        while let Some(Ok(entry)) = entries.next() {
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            let child = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            match entry.file_type() {
+                FileType::Directory => todo.push(child),
+                FileType::RegularFile | FileType::Unknown => files.push((name.to_string(), child)),
+                _ => {}
+            }
+        }
+        let Ok(fd) = entries.fd() else { continue };
+        for (name, child) in files {
+            let Ok(st) = rustix::fs::statat(fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            if FileType::from_raw_mode(st.st_mode).is_dir() {
+                // A file system that does not report types in listings.
+                todo.push(child);
+                continue;
+            }
+            let Some(meta) = stamp(&st) else { continue };
+            if snap.files.len() >= MAX_TRACKED_FILES {
+                snap.truncated = true;
+                break 'walk;
+            }
+            snap.files.insert(child, meta);
+        }
     }
     snap
 }
@@ -412,5 +600,187 @@ mod tests {
             std::fs::read(ws.root().join("figure_1.png")).unwrap(),
             b"mine"
         );
+    }
+
+    fn outside(dir: &tempfile::TempDir) -> PathBuf {
+        let out = dir.path().join("outside");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("secret.txt"), "secret").unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn reads_serve_regular_files_beneath_the_folder_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = outside(&dir);
+        let ws = Workspace::create(dir.path().join("s")).await.unwrap();
+        let root = ws.root().to_path_buf();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/data.csv"), "a,b\n").unwrap();
+        std::fs::write(root.join("big.bin"), [0u8; 11]).unwrap();
+        std::os::unix::fs::symlink(out.join("secret.txt"), root.join("out.txt")).unwrap();
+        std::os::unix::fs::symlink(&out, root.join("out_dir")).unwrap();
+        std::os::unix::fs::symlink("sub/data.csv", root.join("in.csv")).unwrap();
+        std::os::unix::fs::symlink("sub", root.join("in_dir")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+
+        let (bytes, info) = ws.read_file("sub%2Fdata.csv", 10).await.unwrap();
+        assert_eq!(bytes, b"a,b\n");
+        assert_eq!((info.path.as_str(), info.size), ("sub/data.csv", 4));
+        assert_eq!(info.mime, "text/csv");
+        let refused = |r: Result<(Vec<u8>, FileInfo), ReadError>| format!("{:?}", r.unwrap_err());
+        assert_eq!(refused(ws.read_file("sub", 10).await), "Folder");
+        assert_eq!(refused(ws.read_file("fifo", 10).await), "NotAFile");
+        assert_eq!(
+            refused(ws.read_file("big.bin", 10).await),
+            "TooLarge { size: 11, max: 10 }"
+        );
+        assert_eq!(refused(ws.read_file("nope", 10).await), "Path(NotFound)");
+        assert_eq!(
+            refused(ws.read_file("../outside/secret.txt", 10).await),
+            "Path(Traversal)"
+        );
+        for link in ["out.txt", "out_dir/secret.txt", "in.csv", "in_dir/data.csv"] {
+            assert_eq!(
+                refused(ws.read_file(link, 10).await),
+                "Path(Symlink)",
+                "{link}"
+            );
+        }
+    }
+
+    /// Walks list neither symlinks nor what they lead to.
+    #[tokio::test]
+    async fn listings_skip_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = outside(&dir);
+        let ws = Workspace::create(dir.path().join("s")).await.unwrap();
+        let root = ws.root().to_path_buf();
+        let mut snap = ws.snapshot().await;
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a.txt"), "a").unwrap();
+        std::os::unix::fs::symlink(&out, root.join("out_dir")).unwrap();
+        std::os::unix::fs::symlink(out.join("secret.txt"), root.join("sub/out.txt")).unwrap();
+        let names = |files: Vec<FileInfo>| files.into_iter().map(|f| f.path).collect::<Vec<_>>();
+        assert_eq!(names(ws.list().await), vec!["sub/a.txt"]);
+        let changed = ws.refresh(&mut snap).await;
+        assert_eq!(
+            names(changed.into_iter().map(|(f, _)| f).collect()),
+            vec!["sub/a.txt"]
+        );
+        // A file written where a folder turned into a symlink out.
+        std::fs::rename(root.join("sub"), root.join("sub_real")).unwrap();
+        std::os::unix::fs::symlink(&out, root.join("sub")).unwrap();
+        std::fs::write(out.join("new.txt"), "n").unwrap();
+        ws.refresh(&mut snap).await;
+        assert_eq!(names(ws.list().await), vec!["sub_real/a.txt"]);
+        assert_eq!(
+            snap.files.keys().collect::<Vec<_>>(),
+            vec!["sub_real/a.txt"]
+        );
+    }
+
+    /// A kernel that plants symlinks at the names the server is about to
+    /// create makes it pick another name, never write through them.
+    #[tokio::test]
+    async fn creation_never_follows_a_planted_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = outside(&dir);
+        let ws = Workspace::create(dir.path().join("s")).await.unwrap();
+        let root = ws.root().to_path_buf();
+        std::os::unix::fs::symlink(out.join("secret.txt"), root.join("figure_1.png")).unwrap();
+        std::os::unix::fs::symlink(out.join("new.png"), root.join("figure_2.png")).unwrap();
+        std::os::unix::fs::symlink(out.join("secret.txt"), root.join("output_1.txt")).unwrap();
+        let f = ws.save_new("figure", "png", b"png".to_vec()).await.unwrap();
+        assert_eq!(f.path, "figure_3.png");
+        let (_, name) = ws.create_new("output", "txt").await.unwrap();
+        assert_eq!(name, "output_2.txt");
+        assert_eq!(
+            std::fs::read_to_string(out.join("secret.txt")).unwrap(),
+            "secret"
+        );
+        assert!(!out.join("new.png").exists());
+        assert!(
+            std::fs::symlink_metadata(root.join("figure_3.png"))
+                .unwrap()
+                .is_file()
+        );
+    }
+
+    /// Files the server creates belong to the folder's owner (a kernel
+    /// running as that user may then change or delete them).
+    #[tokio::test]
+    async fn created_files_belong_to_the_folder_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::create(dir.path().join("s")).await.unwrap();
+        let f = ws.save_new("figure", "png", b"png".to_vec()).await.unwrap();
+        let meta = std::fs::metadata(ws.root().join(&f.path)).unwrap();
+        assert_eq!(meta.mode() & 0o777 & !0o022, 0o644 & !0o022);
+        // The temporary folder is ours: its owner is the server's user.
+        let me = std::fs::metadata(dir.path()).unwrap().uid();
+        assert_eq!(meta.uid(), me);
+        if me != 0 {
+            eprintln!("not root: giving files away is not testable");
+            return;
+        }
+        std::os::unix::fs::chown(ws.root(), Some(4242), Some(4343)).unwrap();
+        let (_, name) = ws.create_new("output", "txt").await.unwrap();
+        let meta = std::fs::metadata(ws.root().join(name)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4343));
+    }
+
+    /// Clearing removes symlinks, never what they point to; a folder whose
+    /// path became a symlink loses only the link.
+    #[tokio::test]
+    async fn remove_deletes_links_not_their_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = outside(&dir);
+        let ws = Workspace::create(dir.path().join("s")).await.unwrap();
+        std::os::unix::fs::symlink(&out, ws.root().join("dir_link")).unwrap();
+        std::os::unix::fs::symlink(out.join("secret.txt"), ws.root().join("file_link")).unwrap();
+        ws.remove().await.unwrap();
+        assert!(!ws.root().exists());
+        assert_eq!(
+            std::fs::read_to_string(out.join("secret.txt")).unwrap(),
+            "secret"
+        );
+
+        let ws = Workspace::create(dir.path().join("t")).await.unwrap();
+        std::fs::rename(ws.root(), dir.path().join("t_moved")).unwrap();
+        std::os::unix::fs::symlink(&out, ws.root()).unwrap();
+        ws.remove().await.unwrap();
+        assert!(std::fs::symlink_metadata(ws.root()).is_err());
+        assert_eq!(
+            std::fs::read_to_string(out.join("secret.txt")).unwrap(),
+            "secret"
+        );
+    }
+
+    /// The folder's descriptor, not its path, is what every operation uses:
+    /// a folder moved away and replaced by a symlink redirects nothing.
+    #[tokio::test]
+    async fn a_replaced_folder_redirects_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = outside(&dir);
+        let ws = Workspace::create(dir.path().join("s")).await.unwrap();
+        std::fs::write(ws.root().join("mine.txt"), "mine").unwrap();
+        let moved = dir.path().join("moved");
+        std::fs::rename(ws.root(), &moved).unwrap();
+        std::os::unix::fs::symlink(&out, ws.root()).unwrap();
+        assert_eq!(ws.read_file("mine.txt", 10).await.unwrap().0, b"mine");
+        assert!(ws.read_file("secret.txt", 10).await.is_err());
+        let listed: Vec<String> = ws.list().await.into_iter().map(|f| f.path).collect();
+        assert_eq!(listed, vec!["mine.txt"]);
+        ws.save_new("figure", "png", b"png".to_vec()).await.unwrap();
+        assert!(moved.join("figure_1.png").is_file());
+        assert!(!out.join("figure_1.png").exists());
     }
 }

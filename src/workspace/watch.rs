@@ -13,12 +13,17 @@
 //! inotify is unavailable (no instances or watches left), the workspace
 //! simply walks every time.
 //!
+//! Watches are added on the folders' descriptors (through
+//! `/proc/self/fd/N`), the same descriptors a walk reads, never on a path
+//! the kernel could meanwhile have turned into a symlink. Without `/proc`,
+//! no watch can be added and every look walks.
+//!
 //! Not seen: a file changed only through a shared memory mapping (`mmap`)
 //! and never closed after writing; inotify reports no event for that. It is
 //! reported once anything else touches it, or the folder is walked.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
@@ -54,13 +59,13 @@ fn mask() -> AddWatchFlags {
         | AddWatchFlags::IN_MOVED_TO
         | AddWatchFlags::IN_DELETE_SELF
         | AddWatchFlags::IN_MOVE_SELF
-        | AddWatchFlags::IN_DONT_FOLLOW
         | AddWatchFlags::IN_ONLYDIR
 }
 
 impl Watcher {
-    /// A watcher on `root` alone; [`Watcher::watch_dir`] adds subfolders.
-    pub(crate) fn new(root: &Path) -> Option<Self> {
+    /// A watcher on the folder `root` alone; [`Watcher::watch_dir`] adds
+    /// subfolders.
+    pub(crate) fn new(root: BorrowedFd<'_>) -> Option<Self> {
         let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .inspect_err(|e| tracing::debug!("inotify unavailable, folders are walked: {e}"))
             .ok()?;
@@ -72,14 +77,13 @@ impl Watcher {
         Some(w)
     }
 
-    /// Watches the directory `root/rel` (idempotent).
-    pub(crate) fn watch_dir(&mut self, root: &Path, rel: &str) -> nix::Result<()> {
-        let path = if rel.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(rel)
-        };
-        let wd = self.fd.add_watch(&path, mask())?;
+    /// Watches the open folder `dir`, which is `rel` below the root
+    /// (idempotent).
+    pub(crate) fn watch_dir(&mut self, dir: BorrowedFd<'_>, rel: &str) -> nix::Result<()> {
+        // The magic link names exactly the open folder; following it is
+        // the point (so no IN_DONT_FOLLOW).
+        let path = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        let wd = self.fd.add_watch(path.as_str(), mask())?;
         self.dirs.insert(wd, rel.to_string());
         Ok(())
     }
@@ -149,12 +153,17 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn reports_written_files_and_tree_changes() {
+        use rustix::fs::{Mode, OFlags};
+        let open = |p: &std::path::Path| {
+            rustix::fs::open(p, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap()
+        };
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let mut w = Watcher::new(root).unwrap();
+        let mut w = Watcher::new(open(root).as_fd()).unwrap();
         assert_eq!(w.drain(), Changed::Nothing);
 
         std::fs::write(root.join("a.csv"), "1").unwrap();
@@ -166,7 +175,7 @@ mod tests {
 
         std::fs::create_dir(root.join("sub")).unwrap();
         assert_eq!(w.drain(), Changed::Everything);
-        w.watch_dir(root, "sub").unwrap();
+        w.watch_dir(open(&root.join("sub")).as_fd(), "sub").unwrap();
         std::fs::write(root.join("sub/b.png"), "png").unwrap();
         assert_eq!(
             w.drain(),
