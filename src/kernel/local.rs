@@ -309,19 +309,11 @@ async fn take_uid<const N: usize>(
     let private: Vec<PathBuf> = private.into_iter().cloned().collect();
     let rehome = owner != Some(user.uid);
     tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::lchown;
         for p in &private {
-            for entry in walkdir::WalkDir::new(p).follow_links(false) {
-                let entry = entry.map_err(std::io::Error::other)?;
-                lchown(entry.path(), Some(user.uid), Some(user.gid))?;
-            }
+            chown_tree(p, user.uid, user.gid)?;
         }
         if rehome {
-            // Never follows a symlink: lchown changes the link itself.
-            for entry in walkdir::WalkDir::new(&workdir).follow_links(false) {
-                let entry = entry.map_err(std::io::Error::other)?;
-                lchown(entry.path(), Some(user.uid), Some(user.gid))?;
-            }
+            chown_tree(&workdir, user.uid, user.gid)?;
         }
         Ok::<_, std::io::Error>(())
     })
@@ -353,6 +345,47 @@ impl StderrTail {
         let q = self.0.lock().unwrap_or_else(|p| p.into_inner());
         q.iter().cloned().collect::<Vec<_>>().join("\n")
     }
+}
+
+/// Gives `dir` and everything beneath it to `uid`/`gid`. The walk goes by
+/// descriptors (`openat` with `O_NOFOLLOW`, `chownat` without following), so
+/// a symlink planted in a session folder changes only the link itself and
+/// never leads the walk (which runs as root) out of the folder.
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, Mode, OFlags, openat};
+    const DIR_FLAGS: OFlags = OFlags::RDONLY
+        .union(OFlags::DIRECTORY)
+        .union(OFlags::NOFOLLOW)
+        .union(OFlags::CLOEXEC);
+    let fd = openat(rustix::fs::CWD, dir, DIR_FLAGS, Mode::empty())?;
+    fn walk(fd: rustix::fd::OwnedFd, uid: u32, gid: u32, depth: usize) -> std::io::Result<()> {
+        let (u, g) = (
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        );
+        rustix::fs::fchown(&fd, u, g)?;
+        if depth > 256 {
+            return Err(std::io::Error::other("folders nested too deep"));
+        }
+        for entry in rustix::fs::Dir::read_from(&fd)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                continue;
+            }
+            if entry.file_type() == rustix::fs::FileType::Directory {
+                match openat(&fd, name, DIR_FLAGS, Mode::empty()) {
+                    Ok(sub) => walk(sub, uid, gid, depth + 1)?,
+                    // Replaced by something else meanwhile: change just that.
+                    Err(_) => rustix::fs::chownat(&fd, name, u, g, AtFlags::SYMLINK_NOFOLLOW)?,
+                }
+            } else {
+                rustix::fs::chownat(&fd, name, u, g, AtFlags::SYMLINK_NOFOLLOW)?;
+            }
+        }
+        Ok(())
+    }
+    walk(fd, uid, gid, 0)
 }
 
 /// Copies matplotlib's font cache (`fontlist-*.json`) into a kernel's own

@@ -7,7 +7,9 @@
 //! root-only files stay unreadable. uids that `/etc/passwd` names are skipped.
 //! The allocator hands uids out in rotation, so a uid freed by one session is
 //! the last to be given to another; a uid is only freed once every process
-//! of its kernel is gone.
+//! of its kernel is gone. A range of one uid is shared by every kernel (the
+//! operator's choice: Landlock and namespaces then keep kernels apart, not
+//! Unix permissions).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -78,7 +80,8 @@ struct PoolState {
 #[derive(Debug)]
 pub struct UidLease {
     uid: u32,
-    pool: Arc<Mutex<PoolState>>,
+    /// `None` for a shared uid.
+    pool: Option<Arc<Mutex<PoolState>>>,
 }
 
 impl UidLease {
@@ -92,8 +95,10 @@ impl UidLease {
 
 impl Drop for UidLease {
     fn drop(&mut self) {
-        let mut s = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        s.in_use.remove(&self.uid);
+        if let Some(pool) = &self.pool {
+            let mut s = pool.lock().unwrap_or_else(|p| p.into_inner());
+            s.in_use.remove(&self.uid);
+        }
     }
 }
 
@@ -119,6 +124,12 @@ impl UidPool {
     /// already owned by it), else the next free uid in rotation.
     pub fn acquire(&self, preferred: Option<u32>) -> Option<UidLease> {
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if s.range.first == s.range.last {
+            return Some(UidLease {
+                uid: s.range.first,
+                pool: None,
+            });
+        }
         let free = |s: &PoolState, u: u32| {
             u >= s.range.first
                 && u <= s.range.last
@@ -150,7 +161,7 @@ impl UidPool {
         s.in_use.insert(uid);
         Some(UidLease {
             uid,
-            pool: self.inner.clone(),
+            pool: Some(self.inner.clone()),
         })
     }
 }
@@ -205,5 +216,13 @@ mod tests {
         assert_eq!(e.uid, 102);
         drop(e);
         assert_eq!(pool.acquire(Some(101)).unwrap().uid, 102);
+    }
+
+    #[test]
+    fn a_single_uid_is_shared() {
+        let pool = UidPool::new(UidRange::parse("65534").unwrap(), "");
+        let a = pool.acquire(None).unwrap();
+        let b = pool.acquire(None).unwrap();
+        assert_eq!((a.uid, b.uid), (65534, 65534));
     }
 }
