@@ -46,7 +46,79 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
 /// Without bwrap the server runs unboxed, unless `MCP_TEST_REQUIRE_BWRAP`
 /// is set (as `scripts/test` does), which makes that a failure.
 pub async fn start_boxed(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
-    start_inner(transport, extra, token, true).await
+    start_inner(transport, extra, token, Boxing::Boxed).await
+}
+
+/// Like [`start_boxed`], but the server (root) lacks CAP_SYS_ADMIN, as in a
+/// default container: no mount or PID namespaces for its kernels. /tmp is
+/// world-writable as on a real host, and folders on the way to the kernel
+/// environment that others may not search (such as /root) are replaced by
+/// searchable ones holding just that environment, as a container image
+/// would have it.
+pub async fn start_boxed_without_namespaces(
+    transport: Transport,
+    extra: &[&str],
+    token: Option<&str>,
+) -> Server {
+    start_inner(transport, extra, token, Boxing::NoNamespaces).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Boxing {
+    None,
+    Boxed,
+    NoNamespaces,
+}
+
+/// The provisioned kernel interpreter (as `--provision-only` reports it).
+pub fn kernel_python() -> String {
+    let out = std::process::Command::new(BIN)
+        .arg("--provision-only")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel environment: "))
+        .expect("provisioned python path")
+        .to_string()
+}
+
+/// bwrap arguments that make `paths` reachable for any user: each folder on
+/// the way that others may not search becomes a fresh tmpfs with searchable
+/// folders down to `paths`, which are bound back read-only.
+fn reachable(paths: &[std::path::PathBuf]) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut args = Vec::new();
+    let mut masked: Vec<std::path::PathBuf> = Vec::new();
+    for p in paths {
+        let mut ancestors: Vec<&std::path::Path> = p.ancestors().collect();
+        ancestors.reverse();
+        let Some(blocker) = ancestors
+            .iter()
+            .skip(1)
+            .find(|a| std::fs::metadata(a).is_ok_and(|m| m.permissions().mode() & 0o001 == 0))
+        else {
+            continue;
+        };
+        if !masked.iter().any(|m| m == blocker) {
+            masked.push(blocker.to_path_buf());
+            args.extend(["--perms".into(), "0755".into(), "--tmpfs".into()]);
+            args.push(blocker.display().to_string());
+        }
+        for a in ancestors
+            .iter()
+            .filter(|a| a.starts_with(blocker) && *a != blocker && *a != p)
+        {
+            args.extend(["--perms".into(), "0755".into(), "--dir".into()]);
+            args.push(a.display().to_string());
+        }
+        args.extend([
+            "--ro-bind".into(),
+            p.display().to_string(),
+            p.display().to_string(),
+        ]);
+    }
+    args
 }
 
 fn bwrap_available() -> bool {
@@ -64,20 +136,31 @@ fn bwrap_available() -> bool {
 }
 
 /// The command that runs the server, boxed or not.
-fn server_command(data_dir: &std::path::Path, boxed: bool) -> Command {
-    if boxed && bwrap_available() {
+fn server_command(data_dir: &std::path::Path, boxing: Boxing) -> Command {
+    if boxing != Boxing::None && bwrap_available() {
         let mut cmd = Command::new("bwrap");
-        cmd.args([
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--tmpfs",
-            "/tmp",
-        ]);
+        if boxing == Boxing::NoNamespaces {
+            cmd.args(["--cap-drop", "CAP_SYS_ADMIN"]);
+        }
+        cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
+        if boxing == Boxing::NoNamespaces {
+            cmd.args(["--perms", "1777"]);
+        }
+        cmd.args(["--tmpfs", "/tmp"]);
+        if boxing == Boxing::NoNamespaces {
+            let python = std::path::PathBuf::from(kernel_python());
+            let out = std::process::Command::new(&python)
+                .args(["-c", "import sys; print(sys.base_prefix)"])
+                .output()
+                .unwrap();
+            let base = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let env = python
+                .parent()
+                .and_then(|b| b.parent())
+                .unwrap()
+                .to_path_buf();
+            cmd.args(reachable(&[base.into(), env]));
+        }
         // The checkout (the binary, files tests write under target/) and the
         // provisioned kernel environment may themselves live under /tmp: bind
         // them back read-only. The data folder comes last, writable.
@@ -108,21 +191,21 @@ pub async fn connect_http(url: &str, token: Option<&str>) -> Result<Client, Stri
 
 /// Starts a server; over HTTP the client authenticates with `token`.
 pub async fn start_with_token(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
-    start_inner(transport, extra, token, false).await
+    start_inner(transport, extra, token, Boxing::None).await
 }
 
 async fn start_inner(
     transport: Transport,
     extra: &[&str],
     token: Option<&str>,
-    boxed: bool,
+    boxing: Boxing,
 ) -> Server {
     let data_dir = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.path().display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     match transport {
         Transport::Stdio => {
-            let mut cmd = server_command(data_dir.path(), boxed);
+            let mut cmd = server_command(data_dir.path(), boxing);
             cmd.arg("--transport")
                 .arg("stdio")
                 .args(&args)
@@ -142,7 +225,7 @@ async fn start_inner(
             }
         }
         Transport::Http => {
-            let mut child = server_command(data_dir.path(), boxed)
+            let mut child = server_command(data_dir.path(), boxing)
                 .args(["--transport", "http", "--host", "127.0.0.1", "--port", "0"])
                 .args(&args)
                 .env("LOG_LEVEL", "error")
