@@ -49,10 +49,12 @@ import urllib.parse
 FULL = dict(
     kernel_starts=5, graceful_shutdowns=2, new_sessions=10, warm_calls=300, warm_rounds=4, noop_calls=100,
     nagle_calls=20, plot_calls=20, par_sessions=8, par_calls=20, par_reps=3, many_files_calls=100,
+    fair_calls=100,
 )  # fmt: skip
 QUICK = dict(
     kernel_starts=2, graceful_shutdowns=1, new_sessions=3, warm_calls=40, warm_rounds=2, noop_calls=20,
     nagle_calls=5, plot_calls=5, par_sessions=8, par_calls=5, par_reps=1, many_files_calls=10,
+    fair_calls=20,
 )  # fmt: skip
 WARMUP_CALLS = 20  # untimed calls before a warm-latency series
 CALL_TIMEOUT = 60.0  # one execute_code / one raw execution
@@ -81,6 +83,19 @@ T_NEW_SESSION_RATIO = 0.15
 T_PLOT_S = 0.5
 T_PARALLEL_CPS = 280.0
 T_SERVER_RSS_KB = 30 * 1024
+T_FAIR_RATIO = 2.0
+BUSY_PROCESSES = 7
+# Keeps BUSY_PROCESSES processes busy until the file `stop` appears (at most 30 s).
+BUSY = (
+    "import multiprocessing as mp, os, time\n"
+    "def burn():\n"
+    "    end = time.time() + 30\n"
+    "    while time.time() < end and not os.path.exists('stop'):\n"
+    "        for _ in range(10000): pass\n"
+    f"ps = [mp.Process(target=burn) for _ in range({BUSY_PROCESSES})]\n"
+    "for p in ps: p.start()\n"
+    "for p in ps: p.join()"
+)
 
 
 def log(msg):
@@ -117,8 +132,46 @@ def rss_kb(pid):
     return None
 
 
+def kernel_pid_by_folder(sid):
+    """The host pid of the ipykernel whose working folder is session `sid`."""
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read()
+            if b"ipykernel_launcher" in cmd and b"__kernel-sandbox" not in cmd and os.readlink(f"/proc/{p}/cwd").endswith(sid):
+                return int(p)
+        except OSError:
+            pass
+    return None
+
+
+def parent_pid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def session_rss_kb(pid):
+    """RSS of a kernel plus, when it runs in a PID namespace, its sandbox
+    wrapper (the namespace's init, our binary): what a session costs."""
+    kb = rss_kb(pid)
+    parent = parent_pid(pid)
+    if kb is not None and parent:
+        try:
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                if b"__kernel-sandbox" in f.read():
+                    kb += rss_kb(parent) or 0
+        except OSError:
+            pass
+    return kb
+
+
 def kernel_rss(pids):
-    values = [v for v in (rss_kb(p) for p in pids) if v is not None]
+    values = [v for v in (session_rss_kb(p) for p in pids) if v is not None]
     if not values:
         return None
     return {"n": len(values), "mean_kb": statistics.fmean(values), "max_kb": max(values), "sum_kb": sum(values)}
@@ -579,8 +632,10 @@ class Ours:
         await self.c.call_tool("clear_session", {"session_id": sid}, read_timeout_seconds=CALL_TIMEOUT)
 
     async def kernel_pid(self, sid):
-        _, s = await self.call(GETPID, sid)
-        return int(s["result"])
+        # A kernel in a PID namespace of its own does not know its host pid:
+        # find it by its working folder (the session's).
+        await self.call(TRIVIAL, sid)
+        return kernel_pid_by_folder(sid)
 
     async def new_sessions(self, n, pause=0.0):
         """Seconds of each new session's first call, and of each clear_session."""
@@ -819,7 +874,9 @@ async def sdk_stdio(stack, binary, errlog, extra=()):
     pid = find_server_pid(binary, data_dir)
     if pid is None:
         log("warning: stdio server pid not found: no server RSS/CPU figures")
-    return Ours(client, pid)
+    ours = Ours(client, pid)
+    ours.data_dir = data_dir
+    return ours
 
 
 def file_tail(f, n=30):
@@ -951,6 +1008,16 @@ async def measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, 
     log(f"  {n['plot_calls']} plots (stdio)")
     st["plot_s"], st["matplotlib_backend"] = await stdio.plot(sid_s, n["plot_calls"])
 
+    log(f"  CPU fairness: warm calls while another session runs {BUSY_PROCESSES} busy processes (stdio)")
+    busy = await stdio.new()
+    st["fair_idle_s"] = [(await stdio.call(TRIVIAL, sid_s))[0] for _ in range(n["fair_calls"])]
+    burner = asyncio.create_task(stdio.call(BUSY, busy))
+    await asyncio.sleep(1.0)  # the busy processes are running
+    st["fair_loaded_s"] = [(await stdio.call(TRIVIAL, sid_s))[0] for _ in range(n["fair_calls"])]
+    open(os.path.join(stdio.data_dir, busy, "stop"), "w").close()  # the busy processes end
+    await burner
+    await stdio.clear(busy)
+
     log(f"  {n['many_files_calls']} warm calls with {MANY_FILES} files in the session folder (stdio)")
     await stdio.call(MAKE_FILES, sid_s)
     st["many_files_trivial_s"] = [(await stdio.call(TRIVIAL, sid_s))[0] for _ in range(n["many_files_calls"])]
@@ -1030,6 +1097,13 @@ def build_rows(floor, ours, pool_pause):
     row("clear_session p50", "stdio", "s", summary(st["clear_session_s"])["p50"],
         summary(floor["graceful_shutdown_s"])["p50"],
         note="informational: floor = jupyter_client shutdown_kernel() (shutdown_request, wait for exit)")  # fmt: skip
+
+    if "fair_loaded_s" in st:
+        idle, loaded = summary(st["fair_idle_s"])["p50"], summary(st["fair_loaded_s"])["p50"]
+        row(f"warm `x = 1` p50, another session running {BUSY_PROCESSES} busy processes", "stdio", "s", loaded,
+            idle, f"<= {T_FAIR_RATIO}x idle", loaded <= T_FAIR_RATIO * idle,
+            "floor column: the same session's warm `x = 1` p50 just before, with nothing else running "
+            "(--kernel-cpus default: half the cores)")  # fmt: skip
 
     mp, fp = summary(st["plot_s"]), summary(floor["plot_s"])
     row("matplotlib plot p50", "stdio", "s", mp["p50"], fp["p50"], f"<= {T_PLOT_S} s", mp["p50"] <= T_PLOT_S,
