@@ -52,6 +52,12 @@ pub struct Config {
     pub max_session_bytes: u64,
     /// Kernels kept started ahead of demand.
     pub pool_size: usize,
+    /// Delete sessions at shutdown instead of keeping them for the next start.
+    pub ephemeral: bool,
+    /// How a session adopted after a restart gets its state back.
+    pub restore: crate::session::Restore,
+    /// Longest a replay may take.
+    pub replay_timeout: Duration,
     /// Modules imported in pooled kernels.
     pub preload: Vec<String>,
     /// Most characters of output returned per call (head and tail kept).

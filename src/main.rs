@@ -13,6 +13,12 @@ use mcp_python_interpreter::sandbox::users::UidRange;
 use mcp_python_interpreter::{environment, sandbox, serve};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RestoreMode {
+    Replay,
+    Files,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum KernelNetwork {
     Full,
     Web,
@@ -133,6 +139,17 @@ struct Args {
     /// Each is used by exactly one session and never returned.
     #[arg(long, default_value_t = 2, env = "MCP_POOL_SIZE")]
     pool_size: usize,
+    /// Delete every session (folder and record) at shutdown, as an ephemeral
+    /// deployment wants; by default sessions survive restarts.
+    #[arg(long, env = "MCP_EPHEMERAL")]
+    ephemeral: bool,
+    /// How a session gets its state back after a restart: `replay` (its files,
+    /// and its variables by re-running the cells that completed) or `files`.
+    #[arg(long, value_enum, default_value = "replay", env = "MCP_RESTORE")]
+    restore: RestoreMode,
+    /// Longest a replay after a restart may take, in seconds.
+    #[arg(long, default_value_t = 120.0, env = "MCP_REPLAY_TIMEOUT")]
+    replay_timeout: f64,
     /// Modules imported in pooled kernels before use, e.g. numpy,pandas,matplotlib.
     #[arg(long, value_delimiter = ',', env = "MCP_PRELOAD")]
     preload: Vec<String>,
@@ -180,6 +197,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         args.execution_timeout.is_finite() && args.execution_timeout > 0.0,
         "--execution-timeout must be a positive number of seconds"
+    );
+    anyhow::ensure!(
+        args.replay_timeout.is_finite() && args.replay_timeout > 0.0,
+        "--replay-timeout must be a positive number of seconds"
     );
     anyhow::ensure!(
         args.session_timeout > 0 && args.cleanup_interval > 0,
@@ -234,6 +255,12 @@ fn main() -> anyhow::Result<()> {
         max_output_chars: args.max_output_chars,
         max_sessions: args.max_sessions,
         pool_size: args.pool_size,
+        ephemeral: args.ephemeral,
+        restore: match args.restore {
+            RestoreMode::Replay => mcp_python_interpreter::session::Restore::Replay,
+            RestoreMode::Files => mcp_python_interpreter::session::Restore::Files,
+        },
+        replay_timeout: Duration::from_secs_f64(args.replay_timeout),
         preload: args.preload,
         sandbox: !args.no_sandbox,
         kernel_network: match (args.no_network, args.kernel_network) {

@@ -70,8 +70,13 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
         return Err(ServeError::Unauthenticated(config.host.clone()));
     }
     create_private_dir(&config.data_dir)?;
+    let swept = sweep_runtime_dirs(&std::env::temp_dir());
+    if swept > 0 {
+        tracing::info!("removed {swept} runtime folder(s) left by servers that were killed");
+    }
     let runtime_dir = std::env::temp_dir().join(format!(
-        "mcp-python-interpreter-{}",
+        "{RUNTIME_PREFIX}{}-{}",
+        std::process::id(),
         crate::random_token(10)
     ));
     create_private_dir(&runtime_dir)?;
@@ -120,8 +125,15 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             max_output_chars: config.max_output_chars,
             max_sessions: config.max_sessions,
             max_session_bytes: config.max_session_bytes,
+            durable: !config.ephemeral,
+            restore: config.restore,
+            replay_timeout: config.replay_timeout,
         },
     ));
+    let adopted = registry.adopt().await;
+    if adopted > 0 {
+        tracing::info!("{adopted} session(s) kept from before the restart (dormant until used)");
+    }
     tracker.spawn(expiry::run(
         registry.clone(),
         config.cleanup_interval,
@@ -352,6 +364,38 @@ fn kernel_env(python: &KernelPython, inherited_path: &str) -> HashMap<String, St
     env.insert("PYTHONUNBUFFERED".into(), "1".into());
     env.insert("PYDEVD_DISABLE_FILE_VALIDATION".into(), "1".into());
     env
+}
+
+/// Runtime folders are `{RUNTIME_PREFIX}{pid}-{random}` in the temp folder.
+const RUNTIME_PREFIX: &str = "mcp-python-interpreter-";
+
+/// Removes runtime folders of servers that are gone (killed by SIGKILL, so
+/// they could not): those whose pid runs no process. A live server's folder
+/// is never touched; a reused pid only delays the sweep to a later start.
+fn sweep_runtime_dirs(tmp: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(RUNTIME_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Creates one of the server's folders. Owner-only, except that a root

@@ -108,6 +108,16 @@ impl Registry {
         control: &CallControl,
     ) -> Result<ExecutionReport, SessionError> {
         let mut notes: Vec<String> = state.notice.take().into_iter().collect();
+        if let Some(dormant) = state.dormant.take() {
+            match self.wake(session, state, dormant.clone()).await {
+                Ok(note) => notes.push(note),
+                Err(e) => {
+                    state.dormant = Some(dormant);
+                    return Err(e);
+                }
+            }
+        }
+        let recorded = state.record.is_some().then(|| code.clone());
         let stream = match self.start_cell(session, state, code.clone()).await {
             Ok(s) => s,
             Err(SessionError::Kernel(KernelError::Dead(detail))) => {
@@ -227,6 +237,15 @@ impl Registry {
         report.result = cell.result;
         report.error = cell.error;
         report.traceback = cell.traceback;
+        if let (Some(record), Some(code)) = (&mut state.record, recorded) {
+            // Only cells that completed are replayed after a restart.
+            if report.success {
+                record.push_cell(&code);
+            }
+            record.last_used = super::store::unix_now();
+            let record = record.clone();
+            self.save_record(&record).await;
+        }
         Ok(report)
     }
 

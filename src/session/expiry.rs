@@ -73,6 +73,9 @@ mod tests {
                 max_output_chars: 20_000,
                 max_sessions: 100,
                 max_session_bytes: 1 << 30,
+                durable: true,
+                restore: crate::session::Restore::Replay,
+                replay_timeout: Duration::from_secs(120),
             },
         ))
     }

@@ -7,12 +7,21 @@
 //! sessions run in parallel. Expiry: every call refreshes `last_used`;
 //! [`Registry::sweep`] (run by [`expiry::run`]) removes idle sessions, and a
 //! lookup of a session past its deadline treats it as gone at once.
+//!
+//! Sessions outlive the server ([`store`]): each has a record on disk,
+//! rewritten after every call with the code of the cells that completed.
+//! A shutdown keeps folders and records (unless `ephemeral`); at start-up
+//! [`Registry::adopt`] brings every unexpired session back *dormant* (no
+//! kernel) and removes expired and pooled ones. The first call on a dormant
+//! session starts a kernel and replays its cells ([`replay`]).
 
 mod execute;
 pub mod expiry;
 pub mod id;
 pub mod output;
 pub mod pool;
+mod replay;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -46,6 +55,21 @@ pub struct SessionSettings {
     pub max_sessions: usize,
     /// Disk quota of one session folder.
     pub max_session_bytes: u64,
+    /// Sessions (folders and records) are kept across restarts.
+    pub durable: bool,
+    /// How a dormant session gets its state back.
+    pub restore: Restore,
+    /// Longest a replay may take in all.
+    pub replay_timeout: Duration,
+}
+
+/// How a session adopted after a restart gets its state back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restore {
+    /// Its files, and its variables by replaying the cells that completed.
+    Replay,
+    /// Its files only.
+    Files,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +95,8 @@ pub struct Registry {
     starting: std::sync::atomic::AtomicUsize,
     factory: Arc<dyn KernelFactory>,
     settings: SessionSettings,
+    /// Session records; `None` when sessions are not durable.
+    store: Option<store::Store>,
 }
 
 /// One interpreter session: a kernel, a folder, a deadline.
@@ -94,17 +120,65 @@ struct State {
     baseline: Snapshot,
     /// Said in the next result: why the state was lost.
     notice: Option<String>,
+    /// What is kept on disk about this session (when durable).
+    record: Option<store::Record>,
+    /// Adopted after a restart and not used since: the cells to replay when
+    /// a kernel is next started.
+    dormant: Option<replay::Dormant>,
 }
 
 impl Registry {
     pub fn new(factory: Arc<dyn KernelFactory>, settings: SessionSettings) -> Self {
+        let store = if settings.durable {
+            match store::Store::open(&settings.data_dir) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot keep session records in {}: {e}; sessions will not survive a restart",
+                        settings.data_dir.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Self {
             pool: Pool::default(),
             sessions: Mutex::new(HashMap::new()),
             starting: std::sync::atomic::AtomicUsize::new(0),
             factory,
             settings,
+            store,
         }
+    }
+
+    /// Writes a session's record (blocking I/O off the reactor). A failure
+    /// is logged: the call's result does not depend on it.
+    async fn save_record(&self, record: &store::Record) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let record = record.clone();
+        let id = record.id.clone();
+        match tokio::task::spawn_blocking(move || store.save(&record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(session = %id, "cannot save the session record: {e}"),
+            Err(e) => tracing::warn!(session = %id, "cannot save the session record: {e}"),
+        }
+    }
+
+    fn remove_record(&self, id: &SessionId) {
+        if let Some(store) = &self.store {
+            store.remove(id);
+        }
+    }
+
+    /// Throws a pooled session-to-be away: kernel, folder and record.
+    pub(crate) async fn discard(&self, p: Prepared) {
+        p.kernel.shutdown().await;
+        let _ = p.workspace.remove().await;
+        self.remove_record(&p.id);
     }
 
     pub fn settings(&self) -> &SessionSettings {
@@ -133,11 +207,18 @@ impl Registry {
             id,
             workspace,
             kernel,
-        } = match self.pool.take().await {
+        } = match self.pool.take(self).await {
             Some(p) => p,
             None => self.prepare().await?,
         };
         let baseline = workspace.snapshot().await;
+        let record = self
+            .store
+            .is_some()
+            .then(|| store::Record::new(&id, &owner.0, false));
+        if let Some(r) = &record {
+            self.save_record(r).await;
+        }
         let session = Arc::new(Session {
             id: id.clone(),
             owner: owner.clone(),
@@ -148,6 +229,8 @@ impl Registry {
                 closed: false,
                 baseline,
                 notice: None,
+                record,
+                dormant: None,
             }),
         });
         self.map().insert(id, session.clone());
@@ -155,10 +238,18 @@ impl Registry {
         Ok(session)
     }
 
-    /// A new id, its folder, and a kernel started in it.
+    /// A new id, its folder, and a kernel started in it. Until a session
+    /// takes it, its record says it is pooled (removed after a crash).
     pub(crate) async fn prepare(&self) -> Result<Prepared, SessionError> {
         let id = SessionId::generate();
-        let workspace = Workspace::create(self.settings.data_dir.join(id.as_str())).await?;
+        self.save_record(&store::Record::new(&id, "", true)).await;
+        let workspace = match Workspace::create(self.settings.data_dir.join(id.as_str())).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.remove_record(&id);
+                return Err(e.into());
+            }
+        };
         match self.factory.start(workspace.root()).await {
             Ok(kernel) => Ok(Prepared {
                 id,
@@ -167,6 +258,7 @@ impl Registry {
             }),
             Err(e) => {
                 let _ = workspace.remove().await;
+                self.remove_record(&id);
                 Err(e.into())
             }
         }
@@ -200,6 +292,7 @@ impl Registry {
             return;
         };
         session.close().await;
+        self.remove_record(id);
         tracing::info!(session = %id, "session closed");
     }
 
@@ -226,20 +319,98 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Closes every session (server shutdown), all at once.
-    pub async fn shutdown(&self) {
+    /// Server shutdown, all sessions at once: kernels are shut down; folders
+    /// and records are kept when sessions are durable (else deleted). Pooled
+    /// sessions-to-be are always deleted.
+    pub async fn shutdown(self: &Arc<Self>) {
         let all: Vec<Arc<Session>> = self.map().drain().map(|(_, s)| s).collect();
         let mut set = tokio::task::JoinSet::new();
         for p in self.pool.drain() {
+            let registry = self.clone();
+            set.spawn(async move { registry.discard(p).await });
+        }
+        let keep = self.store.is_some();
+        for s in all {
+            let registry = self.clone();
             set.spawn(async move {
-                p.kernel.shutdown().await;
-                let _ = p.workspace.remove().await;
+                if keep {
+                    s.stop_kernel().await;
+                } else {
+                    s.close().await;
+                    registry.remove_record(&s.id);
+                }
             });
         }
-        for s in all {
-            set.spawn(async move { s.close().await });
-        }
         while set.join_next().await.is_some() {}
+        if let Some(store) = self.store.clone() {
+            let _ = tokio::task::spawn_blocking(move || store.sync()).await;
+        }
+    }
+
+    /// Start-up: takes over the sessions a previous server left (see the
+    /// module doc). Returns how many came back.
+    pub async fn adopt(&self) -> usize {
+        let Some(store) = self.store.clone() else {
+            return 0;
+        };
+        let loaded = tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || store.load_all()
+        })
+        .await
+        .unwrap_or_default();
+        let mut adopted = 0;
+        for store::Loaded { id, record } in loaded {
+            // The id was validated like a client's; only then is it a path.
+            let folder = self.settings.data_dir.join(id.as_str());
+            let expired = record.idle_for() >= self.settings.idle_timeout;
+            if record.pooled || expired {
+                let _ = tokio::fs::remove_dir_all(&folder).await;
+                store.remove(&id);
+                if expired && !record.pooled {
+                    tracing::info!(session = %id, "session expired while the server was down: removed");
+                }
+                continue;
+            }
+            let is_dir = tokio::fs::symlink_metadata(&folder)
+                .await
+                .is_ok_and(|m| m.is_dir());
+            if !is_dir {
+                tracing::warn!(session = %id, "session folder missing; record removed");
+                store.remove(&id);
+                continue;
+            }
+            let workspace = match Workspace::create(folder).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(session = %id, "cannot open the session folder ({e}); left alone");
+                    continue;
+                }
+            };
+            let baseline = workspace.snapshot().await;
+            let idle = record.idle_for();
+            let last_used = Instant::now()
+                .checked_sub(idle)
+                .unwrap_or_else(Instant::now);
+            let dormant = replay::Dormant::from_record(&record, self.settings.restore);
+            let session = Arc::new(Session {
+                id: id.clone(),
+                owner: Principal(Arc::from(record.owner.as_str())),
+                workspace,
+                last_used: Mutex::new(last_used),
+                state: tokio::sync::Mutex::new(State {
+                    kernel: None,
+                    closed: false,
+                    baseline,
+                    notice: None,
+                    record: Some(record),
+                    dormant: Some(dormant),
+                }),
+            });
+            self.map().insert(id, session);
+            adopted += 1;
+        }
+        adopted
     }
 }
 
@@ -255,6 +426,16 @@ impl Session {
     /// A call holds the state lock for its whole length.
     fn is_busy(&self) -> bool {
         self.state.try_lock().is_err()
+    }
+
+    /// Shuts the kernel down and keeps the folder (server shutdown); waits
+    /// for the current call.
+    async fn stop_kernel(&self) {
+        let mut state = self.state.lock().await;
+        state.closed = true;
+        if let Some(k) = state.kernel.take() {
+            k.shutdown().await;
+        }
     }
 
     /// Shuts the kernel down and deletes the folder; waits for the current call.

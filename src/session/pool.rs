@@ -52,7 +52,7 @@ impl Pool {
     /// A prepared entry: one that is ready, or one being prepared if no other
     /// creator is already waiting for it (it is further along than a kernel
     /// started now would be). `None` when the caller should start its own.
-    pub(crate) async fn take(&self) -> Option<Prepared> {
+    pub(crate) async fn take(&self, registry: &Registry) -> Option<Prepared> {
         loop {
             let step = {
                 let mut st = self.lock();
@@ -76,8 +76,7 @@ impl Pool {
                         return Some(p);
                     }
                     // Died while waiting in the pool: discard it, try again.
-                    p.kernel.shutdown().await;
-                    let _ = p.workspace.remove().await;
+                    registry.discard(p).await;
                 }
                 Step::Own => return None,
                 Step::Wait(notified) => {
@@ -202,8 +201,7 @@ pub async fn run(registry: Arc<Registry>, settings: PoolSettings, cancel: Cancel
     // too); whatever they prepared is shut down and its folder removed.
     while let Some(done) = starts.join_next().await {
         if let Ok(Ok(p)) = done {
-            p.kernel.shutdown().await;
-            let _ = p.workspace.remove().await;
+            registry.discard(p).await;
         }
     }
 }

@@ -200,7 +200,23 @@ async fn start_inner(
     token: Option<&str>,
     boxing: Boxing,
 ) -> Server {
-    let data_dir = tempfile::tempdir().unwrap();
+    start_in(
+        transport,
+        extra,
+        token,
+        boxing,
+        tempfile::tempdir().unwrap(),
+    )
+    .await
+}
+
+async fn start_in(
+    transport: Transport,
+    extra: &[&str],
+    token: Option<&str>,
+    boxing: Boxing,
+    data_dir: tempfile::TempDir,
+) -> Server {
     let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.path().display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     match transport {
@@ -284,6 +300,24 @@ impl Server {
             .read_resource(ReadResourceRequestParams::new(uri))
             .await?;
         Ok(r.contents.into_iter().next().expect("one content"))
+    }
+
+    /// Stops an HTTP server with `signal`, waits (bounded) until it has
+    /// exited, and starts a new one on the same data folder with `extra`.
+    pub async fn restart(
+        mut self,
+        signal: nix::sys::signal::Signal,
+        extra: &[&str],
+        token: Option<&str>,
+    ) -> Server {
+        let mut child = self.http.take().expect("restart needs an HTTP server");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), signal);
+        tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("server did not exit")
+            .unwrap();
+        let _ = self.client.cancel().await;
+        start_in(Transport::Http, extra, token, Boxing::None, self.data_dir).await
     }
 
     /// Stops the server with SIGTERM and waits (bounded) for it to exit.
