@@ -105,6 +105,62 @@ async def worker(client, n_calls, seed, stats, failures):
     await client.call_tool("clear_session", {"session_id": sid})
 
 
+def folder_hashes(folder):
+    """sha256 of every file under `folder`, by relative path."""
+    import hashlib
+
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+async def restart_phase(params, data_dir, n_sessions, failures):
+    """Sessions with files and variables; the server is killed (SIGKILL) in
+    the middle of a call; a new server on the same folder must give every
+    session back with every file byte-identical and its variables replayed."""
+    sids, hashes = [], {}
+    try:
+        async with Client(params, read_timeout_seconds=180) as client:
+            for k in range(n_sessions):
+                r = await client.call_tool("execute_code", {"code": f"v = {k}\nopen('a.txt','w').write('1' * {k})", "session_id": ""})
+                sid = r.structured_content["session_id"]
+                sids.append(sid)
+                await client.call_tool("execute_code", {"code": f"open('a.txt','w').write('3' * {k + 1}); import os; os.makedirs('d', exist_ok=True); open('d/b.bin','wb').write(os.urandom(1000))", "session_id": sid})
+            for sid in sids:
+                hashes[sid] = folder_hashes(os.path.join(data_dir, sid))
+            pid = find_server_pid(data_dir)
+            # Killed while a call runs.
+            call = asyncio.create_task(client.call_tool("execute_code", {"code": "import time; time.sleep(30)", "session_id": sids[0]}))
+            await asyncio.sleep(0.5)
+            os.kill(pid, 9)
+            try:
+                await asyncio.wait_for(call, 10)
+            except BaseException:  # noqa: BLE001 - the server is gone
+                pass
+    except BaseException:  # noqa: BLE001 - the client notices the dead server
+        pass
+    lost = 0
+    async with Client(params, read_timeout_seconds=180) as client:
+        for k, sid in enumerate(sids):
+            after = folder_hashes(os.path.join(data_dir, sid))
+            if after != hashes[sid]:
+                lost += 1
+                failures.append(f"restart: files of {sid} changed: {hashes[sid]} -> {after}")
+            r = await client.call_tool("execute_code", {"code": "(v, open('a.txt').read())", "session_id": sid})
+            want = repr((k, "3" * (k + 1)))
+            if (r.structured_content or {}).get("result") != want:
+                failures.append(f"restart: session {sid} gave {r.structured_content}, wanted {want}")
+            if folder_hashes(os.path.join(data_dir, sid)) != hashes[sid]:
+                failures.append(f"restart: replay changed files of {sid}")
+            await client.call_tool("clear_session", {"session_id": sid})
+    files = sum(len(h) for h in hashes.values())
+    print(f"restart (SIGKILL mid-call): {len(sids)} sessions, {files} files, {len(sids) - lost} sessions with every file intact")
+
+
 async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/mcp-python-interpreter")
@@ -132,6 +188,7 @@ async def main():
         await asyncio.gather(*(worker(client, per, 100 + k, stats, failures) for k in range(a.sessions)))
         elapsed = time.time() - t0
         after = server_rss_kb(pid)
+    await restart_phase(params, data_dir, a.sessions, failures)
     total = sum(stats.values())
     answered = sum(v for (n, k), v in stats.items() if k == "answered")
     print(f"{'cell':<14} {'answered':>9} {'no answer':>10}")
