@@ -225,7 +225,9 @@ async fn serve_http(
             limit_concurrency,
         ));
     // Tests and scripts read this line to find the port when started with --port 0.
-    eprintln!("mcp-python-interpreter: listening on http://{local}/mcp");
+    crate::logging::line(format_args!(
+        "mcp-python-interpreter: listening on http://{local}/mcp"
+    ));
     tracing::info!("serving MCP over streamable HTTP at http://{local}/mcp");
     // Headers and body go out as separate writes: without TCP_NODELAY a
     // client that delays its ACKs would wait ~40 ms per call (Nagle).
