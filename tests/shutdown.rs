@@ -1,9 +1,10 @@
 //! Shutdown whatever the launcher did with our standard streams: SIGTERM
 //! after the launcher closed its end of stderr, a stdio client that closes
-//! all three pipes, and a stderr that nobody reads. Each test starts the
-//! real binary with its own data folder and its own TMPDIR (so the runtime
-//! folder, and with it every kernel's command line, is inside), and ends by
-//! checking that no process is left that runs in or names either of them.
+//! all three pipes (after or before initializing), a request that never
+//! ends, a second SIGTERM, and a stderr that nobody reads. Each test starts
+//! the real binary with its own data folder and its own TMPDIR (so the
+//! runtime folder, and with it every kernel's command line, is inside), and
+//! ends by checking that no process is left that runs in or names either.
 
 mod common;
 
@@ -11,9 +12,10 @@ use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use mcp_python_interpreter::serve::DRAIN_WAIT;
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, Command};
 
 /// How long an orderly shutdown may take here (kernels are asked to stop,
@@ -153,6 +155,51 @@ async fn start_a_session(url: &str) {
     let _ = client.cancel().await;
 }
 
+/// A POST to /mcp whose body never comes: once the server has answered
+/// `100 Continue`, its handler is waiting for the body, so the connection
+/// stays open for as long as we keep this stream.
+async fn stuck_request(url: &str) -> tokio::net::TcpStream {
+    let authority = url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/mcp"))
+        .unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json, text/event-stream\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+            let mut buf = [0u8; 256];
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "server closed the connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("no interim answer to the request");
+    let answer = String::from_utf8_lossy(&got);
+    assert!(answer.starts_with("HTTP/1.1 100 Continue"), "{answer}");
+    tcp
+}
+
+/// Reads the server's stderr until a line containing `text`.
+async fn wait_for_line(lines: &mut Lines<BufReader<ChildStderr>>, text: &str) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            eprintln!("{line}");
+            if line.contains(text) {
+                return;
+            }
+        }
+        panic!("stderr ended before a line with {text:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no line with {text:?} on stderr"));
+}
+
 /// The issue's launcher: reads stderr until "listening", closes the pipe,
 /// then sends SIGTERM. The signal used to be logged to the broken pipe, and
 /// the failed write panicked the task that watches for signals, so the
@@ -223,6 +270,73 @@ async fn stdio_client_closing_all_three_pipes() {
         .expect("server still running after its client went away");
     assert_eq!(status.code(), Some(0), "{status}");
     server.assert_shut_down_in_order().await;
+}
+
+/// A stdio client that goes away before it has initialized: an ordinary
+/// end too (it used to be "transport failed", exit 1).
+#[tokio::test]
+async fn stdio_client_gone_before_initializing() {
+    let (mut cmd, data_dir, tmp_dir) = launch(&["--transport", "stdio"], "info");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Up to the point where it waits for the client's first message.
+    wait_for_line(&mut stderr, "kernel limits").await;
+    drop((child.stdin.take(), child.stdout.take(), stderr));
+    let mut server = Launched {
+        child,
+        data_dir,
+        tmp_dir,
+    };
+    let status = server
+        .exit_within(ORDERLY)
+        .await
+        .expect("server still running after its client went away");
+    assert_eq!(status.code(), Some(0), "{status}");
+    server.assert_shut_down_in_order().await;
+}
+
+/// A request that never ends (its body never comes) no longer holds the
+/// shutdown up for ever: after the drain bound the server closes the
+/// sessions anyway and exits 0.
+#[tokio::test]
+async fn sigterm_with_a_request_that_never_ends() {
+    let (mut server, mut lines, url) = launch_http("info").await;
+    start_a_session(&url).await;
+    let _stuck = stuck_request(&url).await;
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_for_line(&mut lines, "SIGTERM").await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let status = server
+        .exit_within(DRAIN_WAIT + ORDERLY)
+        .await
+        .expect("server still running after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status}");
+    server.assert_shut_down_in_order().await;
+}
+
+/// A second SIGTERM while the shutdown waits (here for a request that never
+/// ends) exits at once, with status 128 + SIGTERM.
+#[tokio::test]
+async fn second_sigterm_exits_at_once() {
+    let (mut server, mut lines, url) = launch_http("info").await;
+    start_a_session(&url).await;
+    let _stuck = stuck_request(&url).await;
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    // The first one has been taken (two pending SIGTERMs would be one).
+    wait_for_line(&mut lines, "SIGTERM").await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = server
+        .exit_within(Duration::from_secs(2))
+        .await
+        .expect("server still running after a second SIGTERM");
+    assert_eq!(status.code(), Some(128 + 15), "{status}");
+    server.assert_no_process_left().await;
 }
 
 /// A launcher that keeps stderr open but stops reading it: once the pipe
