@@ -9,13 +9,16 @@
 //! stderr's lock, so every thread that logs stops behind it.
 //!
 //! So nothing in the server writes to stderr itself: log lines and notices
-//! go to a bounded queue, and one thread of ours writes them out. When
-//! stderr is closed the messages are dropped; when it is full the queue
-//! fills and further messages are dropped. Nobody else waits.
+//! go to a bounded queue, and one thread of ours (for the life of the
+//! process) writes them out. When stderr is closed the messages are
+//! dropped; when it is full the queue fills and further messages are
+//! dropped, and counted in a note once stderr takes lines again. Nobody
+//! else waits.
 
 use std::fmt::Display;
 use std::io::{self, Write};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::time::Duration;
 
@@ -44,11 +47,21 @@ fn queue() -> Option<&'static SyncSender<Message>> {
         .as_ref()
 }
 
+/// Lines dropped because the queue was full, not yet reported.
+static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
 fn write_out(rx: Receiver<Message>) {
     for message in rx {
         match message {
             Message::Text(bytes) => {
                 let _ = io::stderr().write_all(&bytes);
+                let dropped = DROPPED.swap(0, Ordering::Relaxed);
+                if dropped > 0 {
+                    let _ = writeln!(
+                        io::stderr(),
+                        "mcp-python-interpreter: {dropped} log line(s) dropped: stderr was not keeping up"
+                    );
+                }
             }
             Message::Flushed(done) => {
                 let _ = done.send(());
@@ -61,7 +74,9 @@ fn write_out(rx: Receiver<Message>) {
 pub fn write(bytes: &[u8]) {
     match queue() {
         Some(tx) => {
-            let _ = tx.try_send(Message::Text(bytes.to_vec()));
+            if tx.try_send(Message::Text(bytes.to_vec())).is_err() {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
         }
         None => {
             let _ = io::stderr().write_all(bytes);
