@@ -9,8 +9,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+
+use crate::logging;
 
 /// The pinned kernel packages.
 pub const REQUIREMENTS: &str = include_str!("../kernel-requirements.txt");
@@ -154,8 +157,8 @@ pub fn provision(envs_root: &Path, base_python: &Path) -> Result<KernelPython, E
     std::fs::create_dir_all(envs_root).map_err(io)?;
     let lock = std::fs::File::create(envs_root.join(".provision.lock")).map_err(io)?;
     if lock.try_lock().is_err() {
-        eprintln!(
-            "mcp-python-interpreter: another process is provisioning the kernel environment; waiting for it…"
+        logging::line(
+            "mcp-python-interpreter: another process is provisioning the kernel environment; waiting for it…",
         );
         lock.lock().map_err(io)?;
     }
@@ -163,25 +166,27 @@ pub fn provision(envs_root: &Path, base_python: &Path) -> Result<KernelPython, E
         return Ok(ready());
     }
     if dir.exists() {
-        eprintln!(
+        logging::line(format_args!(
             "mcp-python-interpreter: removing an unfinished kernel environment at {}",
             dir.display()
-        );
+        ));
         std::fs::remove_dir_all(&dir).map_err(io)?;
     }
-    eprintln!(
+    logging::line(format_args!(
         "mcp-python-interpreter: first start: provisioning the kernel environment in {}\n\
          mcp-python-interpreter: (ipykernel, pandas, numpy, matplotlib, seaborn, plotly, kaleido, sympy; about a minute, once)",
         dir.display()
-    );
-    eprintln!(
+    ));
+    logging::line(format_args!(
         "mcp-python-interpreter: [1/3] creating a virtual environment with {}",
         base_python.display()
-    );
+    ));
     run(Command::new(base_python).arg("-m").arg("venv").arg(&dir))?;
     let req = dir.join("kernel-requirements.txt");
     std::fs::write(&req, REQUIREMENTS).map_err(io)?;
-    eprintln!("mcp-python-interpreter: [2/3] installing the pinned packages (pip output follows)");
+    logging::line(
+        "mcp-python-interpreter: [2/3] installing the pinned packages (pip output follows)",
+    );
     run(Command::new(&python)
         .args([
             "-m",
@@ -193,10 +198,10 @@ pub fn provision(envs_root: &Path, base_python: &Path) -> Result<KernelPython, E
             "-r",
         ])
         .arg(&req))?;
-    eprintln!("mcp-python-interpreter: [3/3] checking the environment");
+    logging::line("mcp-python-interpreter: [3/3] checking the environment");
     existing(&python)?;
     std::fs::write(dir.join(COMPLETE_MARKER), "").map_err(io)?;
-    eprintln!("mcp-python-interpreter: kernel environment ready");
+    logging::line("mcp-python-interpreter: kernel environment ready");
     drop(lock);
     Ok(ready())
 }
@@ -204,6 +209,8 @@ pub fn provision(envs_root: &Path, base_python: &Path) -> Result<KernelPython, E
 /// Runs a provisioning step with its output on our stderr.
 fn run(cmd: &mut Command) -> Result<(), EnvError> {
     let command = format!("{cmd:?}");
+    // The step writes to our stderr directly: our lines queued so far first.
+    logging::flush(Duration::from_secs(1));
     let status = cmd
         .stdin(Stdio::null())
         .stdout(std::io::stderr())

@@ -5,12 +5,13 @@
 //! knows MCP and JSON; [`session`] owns the registry of interpreter sessions;
 //! [`kernel`] starts and drives ipykernel processes; [`workspace`] is the
 //! files of one session on disk; [`environment`] provisions the kernels'
-//! Python; [`serve`] runs the transports.
+//! Python; [`serve`] runs the transports; [`logging`] writes our stderr.
 
 pub mod auth;
 pub mod config;
 pub mod environment;
 pub mod kernel;
+pub mod logging;
 pub mod mcp;
 pub mod sandbox;
 pub mod serve;

@@ -1,6 +1,7 @@
 //! Command line: parse flags (with environment fallbacks), set up logging,
 //! provision the kernel environment, run the server.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use mcp_python_interpreter::auth::Tokens;
 use mcp_python_interpreter::config::{Config, TransportKind};
 use mcp_python_interpreter::sandbox::NetworkPolicy;
 use mcp_python_interpreter::sandbox::users::UidRange;
-use mcp_python_interpreter::{environment, sandbox, serve};
+use mcp_python_interpreter::{environment, logging, sandbox, serve};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum RestoreMode {
@@ -171,12 +172,19 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         let err = sandbox::exec_wrapped(argv[2..].to_vec());
-        eprintln!("mcp-python-interpreter kernel sandbox: {err}");
+        // Not eprintln!, which panics if stderr is gone.
+        let _ = writeln!(
+            std::io::stderr(),
+            "mcp-python-interpreter kernel sandbox: {err}"
+        );
         std::process::exit(126);
     }
+    // Logs and notices go through logging (never a panic or a blocked
+    // thread when stderr is closed or full); the last ones out on return.
+    let _flush_stderr = logging::FlushOnDrop;
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| logging::Stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(log_filter(&args.log_level))
@@ -191,7 +199,10 @@ fn main() -> anyhow::Result<()> {
         None => environment::provision(&envs_dir, &args.base_python)?,
     };
     if args.provision_only {
-        eprintln!("kernel environment: {}", python.python.display());
+        logging::line(format_args!(
+            "kernel environment: {}",
+            python.python.display()
+        ));
         return Ok(());
     }
     anyhow::ensure!(

@@ -2,9 +2,12 @@
 //! transport, and shuts everything down in order.
 //!
 //! Shutdown is a tree: one root [`CancellationToken`] (fired by SIGINT,
-//! SIGTERM, or the end of the stdio stream) reaches the transport, the expiry
+//! SIGTERM, or the stdio client going away) reaches the transport, the expiry
 //! task and every kernel task; a [`TaskTracker`] is then waited for, with a
-//! bound, so no kernel outlives the server.
+//! bound, so no kernel outlives the server. Every step is bounded (open
+//! requests [`DRAIN_WAIT`], sessions and kernels [`SHUTDOWN_WAIT`]) and none
+//! needs stderr or stdout to work; a second signal, or [`FORCE_EXIT_AFTER`]
+//! without the shutdown done, ends the process at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use rmcp::ServiceExt;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
@@ -30,8 +34,17 @@ use crate::session::{Registry, SessionSettings, expiry};
 
 /// Largest HTTP request body accepted (code and arguments).
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
-/// How long shutdown waits for kernels before giving up on them.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// After shutdown starts, how long open requests (or the stdio service) get
+/// to finish; their kernels are being stopped meanwhile, so a call ends
+/// quickly. A request that still has not ended (a client that never sends
+/// its body) is abandoned.
+pub const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// How long closing the sessions (kernels asked to stop, then killed;
+/// folders removed) and waiting for the kernel tasks may take.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// After a signal, the process exits by this time whatever the ordered
+/// shutdown is doing (it needs at most DRAIN_WAIT + SHUTDOWN_WAIT).
+pub const FORCE_EXIT_AFTER: Duration = Duration::from_secs(20);
 /// A ping on every open reply stream this often, well inside common client
 /// and proxy read timeouts (30 s and up).
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -147,27 +160,31 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
         },
         shutdown.child_token(),
     ));
-    tracker.spawn(watch_signals(shutdown.clone()));
+    // Not on the tracker: it must outlive the wait for it, to force the exit
+    // if that wait does not end. Aborted once the shutdown is done.
+    let signals = tokio::spawn(watch_signals(shutdown.clone()));
 
     let served = match config.transport {
         TransportKind::Stdio => serve_stdio(registry.clone(), shutdown.clone()).await,
         TransportKind::Http => serve_http(&config, registry.clone(), shutdown.clone()).await,
     };
 
-    tracing::info!("shutting down: closing {} session(s)", registry.len());
     shutdown.cancel();
-    registry.shutdown().await;
+    tracing::info!("shutting down: closing {} session(s)", registry.len());
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some kernel tasks did not finish within {SHUTDOWN_WAIT:?}");
+    let closed = tokio::time::timeout(SHUTDOWN_WAIT, async {
+        registry.shutdown().await;
+        tracker.wait().await;
+    })
+    .await;
+    if closed.is_err() {
+        tracing::warn!("sessions and kernel tasks not all closed within {SHUTDOWN_WAIT:?}");
     }
     let _ = std::fs::remove_dir_all(&runtime_dir);
     if let Some(cg) = &cgroups {
         cg.remove();
     }
+    signals.abort();
     served
 }
 
@@ -175,13 +192,45 @@ async fn serve_stdio(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let service = Interpreter::new(registry)
+    use rmcp::service::ServerInitializeError as Init;
+    let service = match Interpreter::new(registry)
         .serve_with_ct(rmcp::transport::stdio_pipes(), shutdown.child_token())
         .await
-        .map_err(|e| ServeError::Transport(e.to_string()))?;
+    {
+        Ok(service) => service,
+        // The client went away (or a signal came) before the handshake
+        // finished: nothing to serve, an ordinary end.
+        Err(e @ (Init::ConnectionClosed(_) | Init::TransportError { .. } | Init::Cancelled)) => {
+            tracing::info!("stdio client gone before initializing: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(ServeError::Transport(e.to_string())),
+    };
     tracing::info!("serving MCP over stdio");
-    let _ = service.waiting().await;
+    // Ends at stdin's end, at a failed write to stdout, or on shutdown.
+    drained(service.waiting(), &shutdown).await;
     Ok(())
+}
+
+/// Runs a transport until it ends by itself, or until [`DRAIN_WAIT`] after
+/// shutdown started if it is still waiting for clients then.
+async fn drained<F: std::future::IntoFuture>(
+    transport: F,
+    shutdown: &CancellationToken,
+) -> Option<F::Output> {
+    let transport = transport.into_future();
+    tokio::pin!(transport);
+    tokio::select! {
+        out = &mut transport => return Some(out),
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(DRAIN_WAIT, transport).await {
+        Ok(out) => Some(out),
+        Err(_) => {
+            tracing::warn!("open requests did not finish within {DRAIN_WAIT:?}; abandoning them");
+            None
+        }
+    }
 }
 
 async fn serve_http(
@@ -251,7 +300,9 @@ async fn serve_http(
             limit_concurrency,
         ));
     // Tests and scripts read this line to find the port when started with --port 0.
-    eprintln!("mcp-python-interpreter: listening on http://{local}/mcp");
+    crate::logging::line(format_args!(
+        "mcp-python-interpreter: listening on http://{local}/mcp"
+    ));
     tracing::info!("serving MCP over streamable HTTP at http://{local}/mcp");
     // Headers and body go out as separate writes: without TCP_NODELAY a
     // client that delays its ACKs would wait ~40 ms per call (Nagle).
@@ -259,10 +310,12 @@ async fn serve_http(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|e| ServeError::Transport(e.to_string()))
+    let server =
+        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    match drained(server, &shutdown).await {
+        Some(served) => served.map_err(|e| ServeError::Transport(e.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// Refuses requests beyond the concurrency limit at once (503), instead of
@@ -301,6 +354,10 @@ fn is_loopback(host: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// The first SIGINT or SIGTERM starts the shutdown; a second one, or
+/// [`FORCE_EXIT_AFTER`] without the shutdown done, ends the process at once
+/// with status 128 + that signal's number, as if killed by it. Kernels
+/// notice within a second that their parent is gone and exit too.
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (
@@ -310,12 +367,22 @@ async fn watch_signals(shutdown: CancellationToken) {
         tracing::warn!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = int.recv() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = shutdown.cancelled() => return,
-    }
+    let first = tokio::select! {
+        _ = int.recv() => Signal::SIGINT,
+        _ = term.recv() => Signal::SIGTERM,
+    };
+    // Cancel before anything else: nothing may stand between a signal and
+    // the shutdown.
     shutdown.cancel();
+    tracing::info!("{first} received: shutting down (again to exit at once)");
+    let (forced_by, why) = tokio::select! {
+        _ = int.recv() => (Signal::SIGINT, "second signal"),
+        _ = term.recv() => (Signal::SIGTERM, "second signal"),
+        _ = tokio::time::sleep(FORCE_EXIT_AFTER) => (first, "shutdown took too long"),
+    };
+    tracing::warn!("{why}: exiting now, without waiting for kernels or removing folders");
+    crate::logging::flush(Duration::from_millis(100));
+    std::process::exit(128 + forced_by as i32);
 }
 
 /// How kernels are confined here (see [`sandbox::plan`]).
