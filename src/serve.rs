@@ -120,6 +120,7 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             max_output_chars: config.max_output_chars,
             max_sessions: config.max_sessions,
             max_session_bytes: config.max_session_bytes,
+            inline_images: config.inline_images.clone(),
         },
     ));
     tracker.spawn(expiry::run(

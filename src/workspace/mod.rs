@@ -510,6 +510,10 @@ fn file_info(rel: &str, size: u64) -> FileInfo {
 
 /// MIME type by file extension; `application/octet-stream` when unknown.
 pub fn mime_for(path: &str) -> String {
+    // Jupyter's own type for notebooks, which mime_guess does not know.
+    if path.ends_with(".ipynb") {
+        return "application/x-ipynb+json".to_string();
+    }
     mime_guess::from_path(path)
         .first_raw()
         .unwrap_or("application/octet-stream")
