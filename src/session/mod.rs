@@ -15,6 +15,7 @@
 mod execute;
 pub mod expiry;
 pub mod history;
+mod html;
 pub mod id;
 pub mod inline;
 pub mod output;
