@@ -66,4 +66,6 @@ pub struct Config {
     pub inherited_path: String,
     /// How long a kernel may take to start.
     pub kernel_start_timeout: Duration,
+    /// Images returned inline with execute_code results (count and size).
+    pub inline_images: crate::session::InlineBudget,
 }

@@ -11,6 +11,7 @@ use mcp_python_interpreter::auth::Tokens;
 use mcp_python_interpreter::config::{Config, TransportKind};
 use mcp_python_interpreter::sandbox::NetworkPolicy;
 use mcp_python_interpreter::sandbox::users::UidRange;
+use mcp_python_interpreter::session::InlineBudget;
 use mcp_python_interpreter::{environment, logging, sandbox, serve};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -154,6 +155,23 @@ struct Args {
     /// Modules imported in pooled kernels before use, e.g. numpy,pandas,matplotlib.
     #[arg(long, value_delimiter = ',', env = "MCP_PRELOAD")]
     preload: Vec<String>,
+    /// Most images returned inline (MCP image content) per execute_code call:
+    /// displayed figures first, then PNG/JPEG/GIF files the call wrote. 0 turns
+    /// inline images off (files are still listed).
+    #[arg(long, default_value_t = 4, env = "MCP_INLINE_IMAGES")]
+    inline_images: usize,
+    /// Longest side of an inline image in pixels; larger images are sent
+    /// scaled down (the file keeps its size).
+    #[arg(long, default_value_t = 1568, env = "MCP_INLINE_IMAGE_MAX_SIDE")]
+    inline_image_max_side: u32,
+    /// Most pixels (width x height) of an inline image; larger images are
+    /// sent scaled down.
+    #[arg(long, default_value_t = 1_150_000, env = "MCP_INLINE_IMAGE_MAX_PIXELS")]
+    inline_image_max_pixels: u64,
+    /// Most bytes of one inline image (before base64): bytes, or a size with a
+    /// unit (500K, 1M); larger ones are scaled down or sent as JPEG.
+    #[arg(long, default_value = "1000000", env = "MCP_INLINE_IMAGE_MAX_BYTES", value_parser = parse_bytes)]
+    inline_image_max_bytes: u64,
     /// Log level (error, warn, info, debug, trace), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -235,6 +253,12 @@ fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(args.max_sessions > 0, "--max-sessions must be at least 1");
     anyhow::ensure!(
+        args.inline_image_max_side >= 16
+            && args.inline_image_max_pixels >= 256
+            && args.inline_image_max_bytes >= 1024,
+        "inline image limits must allow at least 16 px a side, 256 pixels and 1024 bytes"
+    );
+    anyhow::ensure!(
         args.max_concurrent_requests > 0,
         "--max-concurrent-requests must be at least 1"
     );
@@ -293,6 +317,12 @@ fn main() -> anyhow::Result<()> {
         max_concurrent_requests: args.max_concurrent_requests,
         inherited_path: std::env::var("PATH").unwrap_or_default(),
         kernel_start_timeout: Duration::from_secs(60),
+        inline_images: InlineBudget {
+            max_images: args.inline_images,
+            max_side: args.inline_image_max_side,
+            max_pixels: args.inline_image_max_pixels,
+            max_bytes: usize::try_from(args.inline_image_max_bytes).unwrap_or(usize::MAX),
+        },
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -141,6 +141,7 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             durable: !config.ephemeral,
             restore: config.restore,
             replay_timeout: config.replay_timeout,
+            inline_images: config.inline_images.clone(),
         },
     ));
     let adopted = registry.adopt().await;

@@ -1137,3 +1137,190 @@ async fn http_calls_do_not_flood_the_log() {
         .unwrap();
     assert!(logged.len() < 15, "{} log lines: {logged:#?}", logged.len());
 }
+
+/// The image blocks of a result, decoded, with their sizes.
+fn inline_images(r: &rmcp::model::CallToolResult) -> Vec<(String, Vec<u8>, (u32, u32))> {
+    r.content
+        .iter()
+        .filter_map(|b| b.as_image())
+        .map(|img| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&img.data)
+                .unwrap();
+            let size = image::ImageReader::new(std::io::Cursor::new(&bytes))
+                .with_guessed_format()
+                .unwrap()
+                .into_dimensions()
+                .unwrap();
+            (img.mime_type.clone(), bytes, size)
+        })
+        .collect()
+}
+
+/// Each file in `files` has a resource_link with the same uri, name, type
+/// and size, and no other block is a link.
+fn assert_linked(r: &rmcp::model::CallToolResult) {
+    let v = r.structured_content.as_ref().unwrap();
+    let links: Vec<_> = r
+        .content
+        .iter()
+        .filter_map(|b| b.as_resource_link())
+        .collect();
+    let files = v["files"].as_array().unwrap();
+    assert_eq!(links.len(), files.len(), "{:?}", r.content);
+    for (f, l) in files.iter().zip(links) {
+        assert_eq!(l.uri, f["uri"].as_str().unwrap());
+        assert_eq!(l.name, f["name"].as_str().unwrap());
+        assert_eq!(l.mime_type.as_deref(), f["mime_type"].as_str());
+        assert_eq!(l.size, f["size"].as_u64());
+    }
+}
+
+/// Figures inline within the budget, resource links, Markdown and HTML
+/// displays, and the notebook export.
+#[tokio::test(flavor = "multi_thread")]
+async fn rich_results_images_links_displays_and_notebook() {
+    let s = start(Transport::Http, &["--inline-image-max-side", "800"]).await;
+    let exec = |id: &str, code: &str| {
+        s.call(
+            "execute_code",
+            json!({"code": code, "session_id": id.to_string()}),
+        )
+    };
+    let r = exec(
+        "",
+        "import matplotlib.pyplot as plt\nplt.figure(figsize=(20, 10), dpi=100)\n\
+         plt.plot([1, 2, 3])\nplt.savefig('wide.png')\nplt.show()",
+    )
+    .await;
+    let v = r.structured_content.clone().unwrap();
+    assert_eq!(v["success"], true, "{v:#}");
+    let id = v["session_id"].as_str().unwrap().to_string();
+    let images = inline_images(&r);
+    assert_eq!(images.len(), 2, "{v:#}");
+    for (mime, bytes, (w, h)) in &images {
+        assert_eq!(mime, "image/png");
+        assert!(bytes.starts_with(PNG));
+        assert!(*w <= 800 && *h <= 800 && w * h <= 1_150_000, "{w}x{h}");
+        assert!(*w >= 700, "{w}x{h}");
+    }
+    let on_disk = std::fs::read(s.data_dir.path().join(&id).join("wide.png")).unwrap();
+    let (w, _) = image::ImageReader::new(std::io::Cursor::new(&on_disk))
+        .with_guessed_format()
+        .unwrap()
+        .into_dimensions()
+        .unwrap();
+    assert_eq!(w, 2000);
+    assert_linked(&r);
+
+    let r = exec(
+        &id,
+        "from IPython.display import display, Markdown, HTML\ndisplay(Markdown('**bold**'))\n\
+         HTML('<p>hello <b>world</b></p>')",
+    )
+    .await;
+    let v = r.structured_content.clone().unwrap();
+    assert_eq!(
+        v["output"],
+        json!([
+            "**bold**",
+            "[HTML output saved as display_1.html]",
+            "File created: display_1.html (text/html, 25 bytes)"
+        ]),
+        "{v:#}"
+    );
+    assert_eq!(v["result"], "hello world");
+    assert_eq!(v["files"][0]["name"], "display_1.html");
+    assert_linked(&r);
+    let (html, mime) = text_of(
+        &s.read(v["files"][0]["uri"].as_str().unwrap())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(html, "<p>hello <b>world</b></p>");
+    assert_eq!(mime.as_deref(), Some("text/html"));
+
+    let r = exec(&id, "print('before'); 1/0").await;
+    assert_eq!(r.is_error, Some(true));
+
+    let r = s
+        .call("export_notebook", json!({"session_id": id, "name": "run"}))
+        .await;
+    let v = r.structured_content.clone().unwrap();
+    assert_eq!(v["success"], true, "{v:#}");
+    assert_eq!(v["cells"], 3);
+    assert_eq!(v["file"]["name"], "run.ipynb");
+    assert_eq!(v["file"]["mime_type"], "application/x-ipynb+json");
+    let link = r.content.iter().find_map(|b| b.as_resource_link()).unwrap();
+    assert_eq!(link.uri, v["file"]["uri"].as_str().unwrap());
+    let (text, _) = text_of(&s.read(&link.uri).await.unwrap());
+    let nb: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (nb["nbformat"].as_u64(), nb["nbformat_minor"].as_u64()),
+        (Some(4), Some(5))
+    );
+    let cells = nb["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 3);
+    let kinds = |i: usize| -> Vec<String> {
+        cells[i]["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["output_type"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        cells[0]["outputs"][0]["data"]["image/png"].is_string(),
+        "{}",
+        cells[0]
+    );
+    assert_eq!(kinds(1), ["display_data", "execute_result"]);
+    assert_eq!(kinds(2), ["stream", "error"]);
+    assert_eq!(cells[2]["outputs"][1]["ename"], "ZeroDivisionError");
+
+    // The name is taken now; a bad name is a protocol error.
+    let r = s
+        .call(
+            "export_notebook",
+            json!({"session_id": id, "name": "run.ipynb"}),
+        )
+        .await;
+    assert_eq!(r.is_error, Some(true));
+    let msg = r.structured_content.unwrap()["message"].clone();
+    assert!(
+        msg.as_str().unwrap().starts_with("FileExistsError:"),
+        "{msg}"
+    );
+    let err = s
+        .client
+        .call_tool(
+            rmcp::model::CallToolRequestParams::new("export_notebook").with_arguments(
+                json!({"session_id": id, "name": "../x"})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            ),
+        )
+        .await
+        .expect_err("a path accepted as a notebook name");
+    assert!(err.to_string().contains("-32602"), "{err}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inline_images_can_be_turned_off() {
+    let s = start(Transport::Stdio, &["--inline-images", "0"]).await;
+    let r = s
+        .call(
+            "execute_code",
+            json!({"code": "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()", "session_id": ""}),
+        )
+        .await;
+    assert!(inline_images(&r).is_empty());
+    assert_eq!(
+        r.structured_content.as_ref().unwrap()["files"][0]["name"],
+        "figure_1.png"
+    );
+    assert_linked(&r);
+    s.stop().await;
+}

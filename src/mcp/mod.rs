@@ -4,6 +4,10 @@
 //! Two error channels: what the model should read (a Python exception, a
 //! timeout, an unknown session, a dead kernel) is a normal tool result with
 //! `isError: true`; malformed arguments are JSON-RPC `invalid_params`.
+//!
+//! A result's content is its JSON as text first (for clients that read only
+//! text), then an `image` block per inline image, then a `resource_link` per
+//! file it reports.
 
 mod resources;
 pub mod types;
@@ -11,11 +15,12 @@ pub mod types;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use rmcp::handler::server::tool::ToolRouter;
 use rmcp::model::{
-    CallToolResult, Implementation, JsonObject, ListResourceTemplatesResult, ListResourcesResult,
-    PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequestParams,
-    ReadResourceResponse, ServerCapabilities, ServerConfig,
+    CallToolResult, ContentBlock, Implementation, JsonObject, ListResourceTemplatesResult,
+    ListResourcesResult, PaginatedRequestParams, ProgressNotificationParam,
+    ReadResourceRequestParams, ReadResourceResponse, Resource, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
@@ -23,7 +28,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::auth::Principal;
-use crate::session::{CallControl, ExecutionReport, ProgressUpdate, Registry, SessionError};
+use crate::session::{
+    CallControl, ExecutionReport, ExportError, InlineImage, ProgressUpdate, Registry, SessionError,
+};
 use crate::workspace::FileInfo;
 use types::*;
 
@@ -47,11 +54,15 @@ impl Interpreter {
     }
 
     /// Execute Python code in a persistent Jupyter (IPython) kernel. Variables, imports and
-    /// files persist between calls of the same session. matplotlib/seaborn figures shown with
-    /// plt.show() (or left open) and plotly fig.show() are saved as PNG files; every file the
-    /// code writes is listed in `files` and readable as the resource `kernel://{session_id}/{path}`.
-    /// Use "" as session_id to start a new session. `!pip install NAME` works. There is no
-    /// interactive input (input() fails at once).
+    /// files persist between calls of the same session. Use "" as session_id to start a new
+    /// session. matplotlib/seaborn figures shown with plt.show() (or left open) and plotly
+    /// fig.show() are saved as PNG files and returned as images in the result, as are image
+    /// files the code writes (a few per call, large ones scaled down). Every file the code
+    /// creates or changes is listed in `files` and readable as the resource
+    /// `kernel://{session_id}/{path}`. Markdown and LaTeX displays come back as their text;
+    /// HTML-only displays (an IPython HTML object, a plotly figure shown with an HTML
+    /// renderer) are saved as display_N.html with their text in `output`. `!pip install NAME`
+    /// works. There is no interactive input (input() fails at once).
     #[tool(
         input_schema = types::input_schema::<ExecuteCodeArgs>(),
         output_schema = types::output_schema::<ExecuteCodeResult>()
@@ -110,7 +121,78 @@ impl Interpreter {
             instructions: self.session_instructions(id),
         });
         let failed = !report.success;
-        Ok(render(&execute_result(id, report, session_info), failed))
+        let mut report = report;
+        let images = std::mem::take(&mut report.images);
+        let value = execute_result(id, report, session_info);
+        let mut result = render(&value, failed);
+        result.content.extend(images.into_iter().map(image_block));
+        result.content.extend(value.files.iter().map(resource_link));
+        Ok(result)
+    }
+
+    /// Save the session's history as a Jupyter notebook (.ipynb) in its folder: every
+    /// execute_code call of the session in order, as a code cell with its outputs (printed
+    /// text, figures, results, errors). Returns the file, readable as a resource. Existing
+    /// files are never overwritten.
+    #[tool(
+        input_schema = types::input_schema::<ExportNotebookArgs>(),
+        output_schema = types::output_schema::<ExportNotebookResult>()
+    )]
+    async fn export_notebook(
+        &self,
+        args: JsonObject,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let args: ExportNotebookArgs = parse(args)?;
+        let failure = |message: String| ExportNotebookResult {
+            success: false,
+            session_id: args.session_id.clone(),
+            file: None,
+            cells: 0,
+            message,
+        };
+        let session = match self.registry.get(&args.session_id, &principal(&ctx)).await {
+            Ok(s) => s,
+            Err(e) => return Ok(render(&failure(model_error(&e)), true)),
+        };
+        let exported = self
+            .registry
+            .export_notebook(&session, args.name.as_deref())
+            .await;
+        let exported = match exported {
+            Ok(n) => n,
+            Err(ExportError::BadName(why)) => return Err(McpError::invalid_params(why, None)),
+            Err(ExportError::Exists(name)) => {
+                let message = format!(
+                    "FileExistsError: {name} already exists in the session folder; \
+                     choose another name, or omit `name` for notebook_N.ipynb"
+                );
+                return Ok(render(&failure(message), true));
+            }
+            Err(ExportError::Session(e)) => return Ok(render(&failure(model_error(&e)), true)),
+        };
+        let id = session.id.as_str();
+        let file = file_ref(id, &exported.file);
+        let mut message = format!(
+            "Notebook {} written with {} code cell(s), one per execute_code call.",
+            file.name, exported.cells
+        );
+        if exported.dropped > 0 {
+            message.push_str(&format!(
+                " The {} earliest calls are not included (the history is bounded).",
+                exported.dropped
+            ));
+        }
+        let value = ExportNotebookResult {
+            success: true,
+            session_id: id.to_string(),
+            cells: exported.cells as u64,
+            message,
+            file: Some(file),
+        };
+        let mut result = render(&value, false);
+        result.content.extend(value.file.iter().map(resource_link));
+        Ok(result)
     }
 
     /// List every file in a session's folder, with its resource URI, MIME type and size.
@@ -196,7 +278,8 @@ impl Interpreter {
             "Use this `session_id` (\"{id}\") in subsequent execute_code calls to keep variables, \
              imports and files. The session expires after {idle} without use; after that, \
              start a new session and re-run your setup code. Files are readable as resources \
-             kernel://{id}/{{path}} and listed by list_session_files."
+             kernel://{id}/{{path}} and listed by list_session_files; export_notebook saves \
+             the session's calls and outputs as a Jupyter notebook."
         )
     }
 }
@@ -220,8 +303,10 @@ impl ServerHandler for Interpreter {
         ))
         .with_instructions(
             "A stateful Python interpreter. Call execute_code with session_id \"\" to start a \
-             session, then reuse the returned session_id. Figures and files the code writes are \
-             returned in `files` and readable as resources kernel://{session_id}/{path}.",
+             session, then reuse the returned session_id. Figures come back as images; files the \
+             code writes are listed in `files` (and as resource links) and readable as \
+             resources kernel://{session_id}/{path}. export_notebook saves a session as a \
+             Jupyter notebook.",
         )
     }
 
@@ -425,6 +510,23 @@ fn execute_result(
         files: r.files.iter().map(|f| file_ref(id, f)).collect(),
         session_info,
     }
+}
+
+/// An inline image as an MCP `image` block.
+fn image_block(img: InlineImage) -> ContentBlock {
+    ContentBlock::image(
+        base64::engine::general_purpose::STANDARD.encode(&img.bytes),
+        img.mime,
+    )
+}
+
+/// A reported file as a `resource_link` block.
+fn resource_link(f: &FileRef) -> ContentBlock {
+    ContentBlock::resource_link(
+        Resource::new(f.uri.clone(), f.name.clone())
+            .with_mime_type(f.mime_type.clone())
+            .with_size(f.size),
+    )
 }
 
 fn file_ref(session_id: &str, f: &FileInfo) -> FileRef {

@@ -24,6 +24,17 @@ pub struct ExecuteCodeArgs {
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
+pub struct ExportNotebookArgs {
+    /// The `session_id` returned by `execute_code`.
+    pub session_id: String,
+    /// File name for the notebook, e.g. "analysis" or "analysis.ipynb" (letters, digits,
+    /// '-', '_', '.', spaces; no folders). Refused if a file of that name exists.
+    /// Default: notebook_N.ipynb with the first free N.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct SessionArgs {
     /// The `session_id` returned by `execute_code`.
     pub session_id: String,
@@ -62,7 +73,8 @@ pub struct ExecuteCodeResult {
     pub error: Option<String>,
     /// Traceback lines (no colour codes).
     pub traceback: Vec<String>,
-    /// Files this call created or changed.
+    /// Files this call created or changed (each also a resource_link content block;
+    /// images among them are also image content blocks, within a per-call budget).
     pub files: Vec<FileRef>,
     /// Present on the call that created the session.
     pub session_info: Option<SessionInfo>,
@@ -75,6 +87,19 @@ pub struct ListFilesResult {
     /// Set when the session does not exist (`SessionExpiredError: ...`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ExportNotebookResult {
+    pub success: bool,
+    pub session_id: String,
+    /// The notebook written (null on failure).
+    pub file: Option<FileRef>,
+    /// Code cells in the notebook: one per execute_code call of the session (in a very long
+    /// session, the earliest calls are left out; `message` says so).
+    pub cells: u64,
+    /// What was written, or why nothing was (`FileExistsError: ...`, `SessionExpiredError: ...`).
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

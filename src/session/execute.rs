@@ -1,5 +1,11 @@
 //! Running one cell in a session: the kernel's events, the time limit, the
 //! files that changed, and recovery when the kernel dies.
+//!
+//! Events go to the model's view of the output ([`Collector`]) and to the
+//! session's history ([`Recorder`]). Displayed images are saved as
+//! `figure_N.png`, HTML-only displays as `display_N.html` (as they arrive);
+//! then the folder is looked at for changed files, and the images to return
+//! inline are picked ([`super::inline`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +13,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::history::Recorder;
+use super::inline::{self, InlineImage};
 use super::output::{CellOutput, Collector};
 use super::{Registry, Session, SessionError, State};
 use crate::kernel::{ExecEnd, ExecMessage, ExecutionStream, KernelError};
@@ -50,6 +58,9 @@ pub struct ExecutionReport {
     pub traceback: Vec<String>,
     /// Files this call created or changed.
     pub files: Vec<FileInfo>,
+    /// Images to show with the result: displayed figures, then image files
+    /// the call wrote, fitted to the inline budget.
+    pub images: Vec<InlineImage>,
 }
 
 /// How the wait for a cell ended.
@@ -124,20 +135,25 @@ impl Registry {
                 // Died between calls: start afresh and say the state is gone.
                 state.kernel = None;
                 notes.push(lost_state_note(&detail));
-                self.start_cell(session, state, code).await?
+                self.start_cell(session, state, code.clone()).await?
             }
             Err(e) => return Err(e),
         };
 
         let deadline = Instant::now() + limit;
-        let mut sink = (
-            Collector::new(self.settings.max_output_chars),
-            Spill::default(),
-        );
+        let mut sink = Sink {
+            collector: Collector::new(self.settings.max_output_chars),
+            recorder: Recorder::new(self.settings.max_output_chars),
+            spill: Spill::default(),
+        };
         let outcome = self
             .wait(stream, &mut sink, session, state, deadline, control)
             .await;
-        let (collector, mut spill) = sink;
+        let Sink {
+            collector,
+            recorder,
+            mut spill,
+        } = sink;
         // The file's last bytes must be on disk before the folder is looked at.
         spill.flush().await;
         let mut cell: CellOutput = collector.finish(spill.name());
@@ -194,13 +210,15 @@ impl Registry {
             }
         }
 
+        let mut shown = Vec::new();
         for img in std::mem::take(&mut cell.images) {
-            if let Err(e) = session
+            match session
                 .workspace
-                .save_new("figure", img.ext, img.bytes)
+                .save_new("figure", img.ext, img.bytes.clone())
                 .await
             {
-                tracing::warn!(session = %session.id, "could not save a figure: {e}");
+                Ok(file) => shown.push((file, img.bytes)),
+                Err(e) => tracing::warn!(session = %session.id, "could not save a figure: {e}"),
             }
         }
         let mut changes = session.workspace.refresh(&mut state.baseline).await;
@@ -234,6 +252,20 @@ impl Registry {
             ));
         }
         report.files = changes.into_iter().map(|(f, _)| f).collect();
+        let (images, image_notes) = inline::choose(
+            &session.workspace,
+            shown,
+            &report.files,
+            &self.settings.inline_images,
+        )
+        .await;
+        report.images = images;
+        report
+            .output
+            .extend(image_notes.into_iter().map(|n| format!("[{n}]")));
+        state
+            .history
+            .record(code, report.success, recorder.finish(cell.error.as_deref()));
         report.result = cell.result;
         report.error = cell.error;
         report.traceback = cell.traceback;
@@ -266,7 +298,7 @@ impl Registry {
     async fn wait(
         &self,
         mut stream: ExecutionStream,
-        (collector, spill): &mut (Collector, Spill),
+        sink: &mut Sink,
         session: &Session,
         state: &State,
         deadline: Instant,
@@ -288,6 +320,7 @@ impl Registry {
             let next = tokio::select! {
                 next = tokio::time::timeout_at(until, stream.recv()) => next,
                 _ = progress.tick(), if control.progress.is_some() => {
+                    let collector = &sink.collector;
                     let seq = collector.seq();
                     let heartbeat = last_sent.elapsed() >= PROGRESS_HEARTBEAT;
                     if (seq != shown_seq || heartbeat)
@@ -312,12 +345,7 @@ impl Registry {
                 }
             };
             match next {
-                Ok(Some(ExecMessage::Event(ev))) => {
-                    collector.push(ev);
-                    if let Some(text) = collector.take_spill() {
-                        spill.write(session, &text).await;
-                    }
-                }
+                Ok(Some(ExecMessage::Event(ev))) => sink.push(ev, session).await,
                 Ok(Some(ExecMessage::End(ExecEnd::Completed))) => {
                     return match interrupted_at {
                         None => Outcome::Completed,
@@ -353,6 +381,39 @@ fn lost_state_note(detail: &str) -> String {
         "Note: the previous kernel of this session died ({detail}); this call ran in a fresh kernel. \
          Variables and imports from earlier calls are lost (files are kept): re-run your setup code."
     )
+}
+
+/// Where a running cell's events go.
+struct Sink {
+    /// What the model reads.
+    collector: Collector,
+    /// What the session's history keeps.
+    recorder: Recorder,
+    /// The full text of an output too long to return.
+    spill: Spill,
+}
+
+impl Sink {
+    async fn push(&mut self, ev: crate::kernel::KernelEvent, session: &Session) {
+        self.recorder.push(&ev);
+        self.collector.push(ev);
+        if let Some(text) = self.collector.take_spill() {
+            self.spill.write(session, &text).await;
+        }
+        if let Some(html) = self.collector.take_html() {
+            match session
+                .workspace
+                .save_new("display", "html", html.into_bytes())
+                .await
+            {
+                Ok(file) => self.collector.html_saved(Some(&file.path)),
+                Err(e) => {
+                    tracing::warn!(session = %session.id, "could not save an HTML display: {e}");
+                    self.collector.html_saved(None);
+                }
+            }
+        }
+    }
 }
 
 /// The file that receives the full text of an output too long to return.

@@ -76,6 +76,7 @@ mod tests {
                 durable: true,
                 restore: crate::session::Restore::Replay,
                 replay_timeout: Duration::from_secs(120),
+                inline_images: Default::default(),
             },
         ))
     }

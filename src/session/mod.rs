@@ -14,10 +14,16 @@
 //! [`Registry::adopt`] brings every unexpired session back *dormant* (no
 //! kernel) and removes expired and pooled ones. The first call on a dormant
 //! session starts a kernel and replays its cells ([`replay`]).
+//! Each session keeps its [`history::History`] (code, success and outputs of
+//! every call, bounded), which [`Registry::export_notebook`] writes as a
+//! Jupyter notebook into the session folder.
 
 mod execute;
 pub mod expiry;
+pub mod history;
+mod html;
 pub mod id;
+pub mod inline;
 pub mod output;
 pub mod pool;
 mod replay;
@@ -36,6 +42,7 @@ use crate::workspace::{Snapshot, Workspace};
 
 pub use execute::{CallControl, ExecutionReport, ProgressUpdate};
 pub use id::SessionId;
+pub use inline::{InlineBudget, InlineImage};
 use pool::{Pool, Prepared};
 
 /// What the registry needs to know, fixed at start-up.
@@ -61,6 +68,8 @@ pub struct SessionSettings {
     pub restore: Restore,
     /// Longest a replay may take in all.
     pub replay_timeout: Duration,
+    /// Images returned inline with a call's result.
+    pub inline_images: InlineBudget,
 }
 
 /// How a session adopted after a restart gets its state back.
@@ -125,7 +134,35 @@ struct State {
     /// Adopted after a restart and not used since: the cells to replay when
     /// a kernel is next started.
     dormant: Option<replay::Dormant>,
+    /// Every completed call, for notebook export (bounded).
+    history: history::History,
 }
+
+/// Why [`Registry::export_notebook`] wrote no notebook.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The name asked for is not a plain file name.
+    #[error("{0}")]
+    BadName(String),
+    /// A file (or anything else) already has the name asked for.
+    #[error("{0} already exists in the session folder")]
+    Exists(String),
+}
+
+/// A notebook written by [`Registry::export_notebook`].
+#[derive(Debug, Clone)]
+pub struct ExportedNotebook {
+    pub file: crate::workspace::FileInfo,
+    /// Code cells in it.
+    pub cells: usize,
+    /// The session's earliest calls left out (see [`history`]).
+    pub dropped: usize,
+}
+
+/// The longest notebook name accepted.
+const MAX_NOTEBOOK_NAME: usize = 120;
 
 impl Registry {
     pub fn new(factory: Arc<dyn KernelFactory>, settings: SessionSettings) -> Self {
@@ -231,6 +268,7 @@ impl Registry {
                 notice: None,
                 record,
                 dormant: None,
+                history: history::History::default(),
             }),
         });
         self.map().insert(id, session.clone());
@@ -278,6 +316,40 @@ impl Registry {
             return Err(not_found());
         }
         Ok(session)
+    }
+
+    /// Writes the history of `session` as a Jupyter notebook into its folder,
+    /// after the calls queued before this one. `name` (a plain file name;
+    /// `.ipynb` is added if missing) is refused if taken; without one the
+    /// notebook is `notebook_N.ipynb` with the first free `N`. Nothing is
+    /// ever overwritten.
+    pub async fn export_notebook(
+        &self,
+        session: &Session,
+        name: Option<&str>,
+    ) -> Result<ExportedNotebook, ExportError> {
+        let name = name.map(notebook_name).transpose()?;
+        let mut state = session.state.lock().await;
+        if state.closed {
+            return Err(SessionError::NotFound(format!("'{}'", session.id)).into());
+        }
+        session.touch();
+        let text = state.history.to_notebook().into_bytes();
+        let saved = match &name {
+            Some(n) => session.workspace.save_as(n, text).await,
+            None => session.workspace.save_new("notebook", "ipynb", text).await,
+        };
+        let file = saved.map_err(|e| match (e.kind(), &name) {
+            (std::io::ErrorKind::AlreadyExists, Some(n)) => ExportError::Exists(n.clone()),
+            _ => ExportError::Session(SessionError::Io(e)),
+        })?;
+        // The next call reports what it changed, not this notebook.
+        session.workspace.refresh(&mut state.baseline).await;
+        Ok(ExportedNotebook {
+            file,
+            cells: state.history.len(),
+            dropped: state.history.dropped(),
+        })
     }
 
     /// Removes a session: shuts its kernel down and deletes its folder.
@@ -393,6 +465,12 @@ impl Registry {
                 .checked_sub(idle)
                 .unwrap_or_else(Instant::now);
             let dormant = replay::Dormant::from_record(&record, self.settings.restore);
+            // The notebook of an adopted session keeps the code of its earlier
+            // cells (their outputs were not kept).
+            let mut history = history::History::default();
+            for code in &record.cells {
+                history.record(code.clone(), true, Vec::new());
+            }
             let session = Arc::new(Session {
                 id: id.clone(),
                 owner: Principal(Arc::from(record.owner.as_str())),
@@ -405,6 +483,7 @@ impl Registry {
                     notice: None,
                     record: Some(record),
                     dormant: Some(dormant),
+                    history,
                 }),
             });
             self.map().insert(id, session);
@@ -464,10 +543,50 @@ impl Drop for StartingGuard<'_> {
     }
 }
 
+/// A client's notebook name as a file name: letters, digits, `-`, `_`,
+/// `.` and spaces, not starting with `.`, one folder level; `.ipynb` added
+/// when missing.
+fn notebook_name(raw: &str) -> Result<String, ExportError> {
+    let ok = !raw.is_empty()
+        && raw.len() <= MAX_NOTEBOOK_NAME
+        && !raw.starts_with(['.', ' '])
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ' '));
+    if !ok {
+        return Err(ExportError::BadName(format!(
+            "invalid notebook name {raw:?}: use up to {MAX_NOTEBOOK_NAME} letters, digits, \
+             '-', '_', '.' or spaces, not starting with '.' (no folders)"
+        )));
+    }
+    Ok(if raw.ends_with(".ipynb") {
+        raw.to_string()
+    } else {
+        format!("{raw}.ipynb")
+    })
+}
+
 /// An id as it may be shown back: only if it is a well-formed id.
 fn display_id(raw: &str) -> String {
     match SessionId::parse(raw) {
         Some(id) => format!("'{id}'"),
         None => "(malformed id)".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notebook_names_are_plain_file_names() {
+        assert_eq!(notebook_name("analysis").unwrap(), "analysis.ipynb");
+        assert_eq!(notebook_name("run 2.ipynb").unwrap(), "run 2.ipynb");
+        for bad in ["", ".hidden", "a/b", "../x", "x\0y", "ü", &"n".repeat(200)] {
+            assert!(
+                matches!(notebook_name(bad), Err(ExportError::BadName(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

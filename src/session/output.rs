@@ -3,6 +3,12 @@
 //! Pure logic, no I/O: stream text is merged in order, `clear_output` is
 //! honoured, images are set aside to be saved as files, and ANSI colour codes
 //! are removed from tracebacks.
+//!
+//! A rich display (or the last expression's value) is shown by its best
+//! textual form: `text/plain`, unless that is only a default repr such as
+//! `<IPython.core.display.Markdown object>`; then `text/markdown`, else
+//! `text/latex`, else the text of `text/html`, whose document is also set
+//! aside to be saved as `display_N.html` ([`Collector::take_html`]).
 
 use base64::Engine;
 
@@ -46,7 +52,14 @@ pub struct Collector {
     spill: String,
     /// Counts output events, so progress reports only send what is new.
     seq: u64,
+    /// An HTML document to save as a file (taken by the caller).
+    pending_html: Option<String>,
+    /// HTML documents set aside so far.
+    html_count: usize,
 }
+
+/// At most this many HTML displays of one call are saved as files.
+pub const MAX_HTML_FILES: usize = 20;
 
 /// The last part of an overflowing output, and how much was seen in all.
 struct Overflow {
@@ -66,6 +79,8 @@ impl Collector {
             overflow: None,
             spill: String::new(),
             seq: 0,
+            pending_html: None,
+            html_count: 0,
         }
     }
 
@@ -81,17 +96,33 @@ impl Collector {
             KernelEvent::Display(data) => {
                 self.before_output();
                 self.last_stream = None;
-                if let Some(img) = image(&data) {
-                    self.out.images.push(img);
-                } else if let Some(text) = plain(&data) {
-                    self.stream_element(&text);
+                match shown(data) {
+                    Shown::Image(img) => self.out.images.push(img),
+                    Shown::Text(text) => self.stream_element(&text),
+                    Shown::Html { text, html } => {
+                        if !text.is_empty() {
+                            self.stream_element(&text);
+                        }
+                        self.set_html_aside(html);
+                    }
+                    Shown::Nothing => {}
                 }
             }
             KernelEvent::Result(data) => {
                 if let Some(img) = image(&data) {
                     self.out.images.push(img);
+                    self.out.result = plain(&data).map(|t| truncate_middle(&t, self.limit));
+                    return;
                 }
-                self.out.result = plain(&data).map(|t| truncate_middle(&t, self.limit));
+                self.out.result = match shown(data) {
+                    Shown::Text(text) => Some(text),
+                    Shown::Html { text, html } => {
+                        self.set_html_aside(html);
+                        Some(text)
+                    }
+                    Shown::Image(_) | Shown::Nothing => None,
+                }
+                .map(|t| truncate_middle(&t, self.limit));
             }
             KernelEvent::Error {
                 ename,
@@ -192,6 +223,34 @@ impl Collector {
             tail: all[tail_start..].to_string(),
             total: all.len(),
         });
+    }
+
+    fn set_html_aside(&mut self, html: String) {
+        if self.html_count < MAX_HTML_FILES {
+            self.html_count += 1;
+            self.pending_html = Some(html);
+        } else if self.html_count == MAX_HTML_FILES {
+            self.html_count += 1;
+            self.stream_element(&format!(
+                "[HTML output beyond the first {MAX_HTML_FILES} of this call is not saved]"
+            ));
+        }
+    }
+
+    /// The HTML document of the display just pushed, to be saved; say where
+    /// with [`Collector::html_saved`].
+    pub fn take_html(&mut self) -> Option<String> {
+        self.pending_html.take()
+    }
+
+    /// Notes in the output where the HTML taken last was saved (`None`: it
+    /// could not be).
+    pub fn html_saved(&mut self, name: Option<&str>) {
+        self.last_stream = None;
+        match name {
+            Some(name) => self.stream_element(&format!("[HTML output saved as {name}]")),
+            None => self.stream_element("[HTML output could not be saved]"),
+        }
     }
 
     /// How many events were pushed so far.
@@ -309,6 +368,49 @@ fn plain(data: &[MimeData]) -> Option<String> {
     data.iter()
         .find(|m| m.mime == "text/plain")
         .map(|m| m.data.clone())
+}
+
+/// What a rich display shows the model.
+enum Shown {
+    Image(Image),
+    Text(String),
+    /// Only HTML says more than a default repr: its text, and the document.
+    Html {
+        text: String,
+        html: String,
+    },
+    Nothing,
+}
+
+fn shown(data: Vec<MimeData>) -> Shown {
+    if let Some(img) = image(&data) {
+        return Shown::Image(img);
+    }
+    let find = |mime: &str| data.iter().find(|m| m.mime == mime).map(|m| m.data.clone());
+    let plain = find("text/plain");
+    if let Some(p) = plain.as_ref().filter(|p| !is_default_repr(p)) {
+        return Shown::Text(p.clone());
+    }
+    if let Some(text) = find("text/markdown").or_else(|| find("text/latex")) {
+        return Shown::Text(text);
+    }
+    if let Some(html) = find("text/html") {
+        return Shown::Html {
+            text: super::html::to_text(&html),
+            html,
+        };
+    }
+    plain.map_or(Shown::Nothing, Shown::Text)
+}
+
+/// `<IPython.core.display.Markdown object>`, `<pandas...Styler at 0x7f...>`:
+/// the repr Python gives objects that define no better one.
+fn is_default_repr(plain: &str) -> bool {
+    let t = plain.trim();
+    t.starts_with('<')
+        && t.ends_with('>')
+        && !t.contains('\n')
+        && (t.contains(" object") || t.contains(" at 0x"))
 }
 
 fn image(data: &[MimeData]) -> Option<Image> {
@@ -460,6 +562,91 @@ mod tests {
         assert_eq!(out.output, vec!["   a\n0  1"]);
         assert_eq!(out.result.as_deref(), Some("42"));
     }
+    fn bundle(items: &[(&str, &str)]) -> Vec<MimeData> {
+        items
+            .iter()
+            .map(|(m, d)| MimeData {
+                mime: m.to_string(),
+                data: d.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn markdown_and_latex_replace_default_reprs() {
+        let mut c = Collector::new(20_000);
+        c.push(KernelEvent::Display(bundle(&[
+            ("text/plain", "<IPython.core.display.Markdown object>"),
+            ("text/markdown", "# hi"),
+        ])));
+        c.push(KernelEvent::Display(bundle(&[
+            ("text/plain", "<IPython.core.display.Math object>"),
+            ("text/latex", "$\\displaystyle x^2$"),
+        ])));
+        // A meaningful plain text (sympy's) stays.
+        c.push(KernelEvent::Result(bundle(&[
+            ("text/plain", "2*sqrt(2)"),
+            ("text/latex", "$\\displaystyle 2 \\sqrt{2}$"),
+        ])));
+        assert!(c.take_html().is_none());
+        let out = c.finish(None);
+        assert_eq!(out.output, vec!["# hi", "$\\displaystyle x^2$"]);
+        assert_eq!(out.result.as_deref(), Some("2*sqrt(2)"));
+    }
+
+    #[test]
+    fn html_only_displays_are_set_aside_with_their_text() {
+        let mut c = Collector::new(20_000);
+        // A DataFrame: its plain text is the table, no file.
+        c.push(KernelEvent::Display(bundle(&[
+            ("text/plain", "   a\n0  1"),
+            ("text/html", "<table><tr><td>1</td></tr></table>"),
+        ])));
+        assert!(c.take_html().is_none());
+        let styler = "<style>td {color: red}</style><table><thead><tr><th>a</th><th>b</th></tr></thead>\
+                      <tbody><tr><td>1</td><td>x &amp; y</td></tr></tbody></table>";
+        c.push(KernelEvent::Display(bundle(&[
+            ("text/plain", "<pandas.io.formats.style.Styler at 0x7f00>"),
+            ("text/html", styler),
+        ])));
+        assert_eq!(c.take_html().as_deref(), Some(styler));
+        c.html_saved(Some("display_1.html"));
+        c.push(KernelEvent::Result(bundle(&[
+            ("text/plain", "<IPython.core.display.HTML object>"),
+            ("text/html", "<b>bold</b>"),
+        ])));
+        assert_eq!(c.take_html().as_deref(), Some("<b>bold</b>"));
+        c.html_saved(None);
+        let out = c.finish(None);
+        assert_eq!(
+            out.output,
+            vec![
+                "   a\n0  1",
+                "a\tb\n1\tx & y",
+                "[HTML output saved as display_1.html]",
+                "[HTML output could not be saved]",
+            ]
+        );
+        assert_eq!(out.result.as_deref(), Some("bold"));
+    }
+
+    #[test]
+    fn html_files_per_call_are_bounded() {
+        let mut c = Collector::new(20_000);
+        for _ in 0..MAX_HTML_FILES + 3 {
+            c.push(KernelEvent::Display(bundle(&[("text/html", "<i>x</i>")])));
+            if c.take_html().is_some() {
+                c.html_saved(Some("display_n.html"));
+            }
+        }
+        let out = c.finish(None).output;
+        assert_eq!(
+            out.iter().filter(|o| o.contains("saved as")).count(),
+            MAX_HTML_FILES
+        );
+        assert_eq!(out.iter().filter(|o| o.contains("not saved")).count(), 1);
+    }
+
     #[test]
     fn carriage_returns_collapse_to_the_last_state() {
         let mut c = Collector::new(20_000);

@@ -216,6 +216,29 @@ impl Workspace {
         Ok((tokio::fs::File::from_std(file), name))
     }
 
+    /// Saves bytes under exactly `name`, a plain file name (no folders),
+    /// created as [`Workspace::create_new`] creates files: never over an
+    /// existing name (`AlreadyExists`, whatever holds it).
+    pub async fn save_as(&self, name: &str, bytes: Vec<u8>) -> std::io::Result<FileInfo> {
+        use std::io::Write;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a plain file name",
+            ));
+        }
+        let dir = self.dir.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let owner = rustix::fs::fstat(dir.as_fd())?;
+            let mut file = create_exact(dir.as_fd(), &name, &owner)?;
+            file.write_all(&bytes)?;
+            Ok(file_info(&name, bytes.len() as u64))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
     fn lock_watcher(&self) -> std::sync::MutexGuard<'_, Option<Watcher>> {
         self.watcher.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -306,25 +329,32 @@ fn create_blocking(
     let owner = rustix::fs::fstat(dir)?;
     for n in 1..=MAX_NAME_TRIES {
         let name = format!("{stem}_{n}.{ext}");
-        let fd = match path::open(
-            dir,
-            &name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-            Mode::from_raw_mode(0o644),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::EXIST) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if let Err(e) = give_to_owner_of(&fd, &owner) {
-            let _ = rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty());
-            return Err(e.into());
+        match create_exact(dir, &name, &owner) {
+            Ok(file) => return Ok((file, name)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
         }
-        return Ok((std::fs::File::from(fd), name));
     }
     Err(std::io::Error::other(format!(
         "no free name {stem}_N.{ext} for N up to {MAX_NAME_TRIES}"
     )))
+}
+
+/// Creates `name` beneath `dir` (`O_EXCL | O_NOFOLLOW`, mode 0644) and
+/// gives it to the folder's owner; a name taken by anything is
+/// `AlreadyExists`.
+fn create_exact(dir: BorrowedFd<'_>, name: &str, owner: &Stat) -> std::io::Result<std::fs::File> {
+    let fd = path::open(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+        Mode::from_raw_mode(0o644),
+    )?;
+    if let Err(e) = give_to_owner_of(&fd, owner) {
+        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+        return Err(e.into());
+    }
+    Ok(std::fs::File::from(fd))
 }
 
 /// Gives the file `fd` the owner and group of the folder `owner` describes.
@@ -480,6 +510,10 @@ fn file_info(rel: &str, size: u64) -> FileInfo {
 
 /// MIME type by file extension; `application/octet-stream` when unknown.
 pub fn mime_for(path: &str) -> String {
+    // Jupyter's own type for notebooks, which mime_guess does not know.
+    if path.ends_with(".ipynb") {
+        return "application/x-ipynb+json".to_string();
+    }
     mime_guess::from_path(path)
         .first_raw()
         .unwrap_or("application/octet-stream")
@@ -587,6 +621,25 @@ mod tests {
             assert_eq!(snap.files, walked.files, "step {i}");
         }
         assert!(ws.lock_watcher().is_some());
+    }
+
+    #[tokio::test]
+    async fn save_as_never_overwrites_nor_follows_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = outside(&dir);
+        let ws = Workspace::create(dir.path().join("s")).await.unwrap();
+        let f = ws.save_as("nb.ipynb", b"{}".to_vec()).await.unwrap();
+        assert_eq!((f.path.as_str(), f.size), ("nb.ipynb", 2));
+        let again = ws.save_as("nb.ipynb", b"new".to_vec()).await.unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(ws.root().join("nb.ipynb")).unwrap(), b"{}");
+        std::os::unix::fs::symlink(out.join("x.ipynb"), ws.root().join("l.ipynb")).unwrap();
+        let linked = ws.save_as("l.ipynb", b"{}".to_vec()).await.unwrap_err();
+        assert_eq!(linked.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(!out.join("x.ipynb").exists());
+        for bad in ["", "a/b.ipynb", "..", "../x.ipynb"] {
+            assert!(ws.save_as(bad, Vec::new()).await.is_err(), "{bad:?}");
+        }
     }
 
     #[tokio::test]
