@@ -25,7 +25,12 @@ async fn tools_list_matches_snapshot() {
     let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
     assert_eq!(
         names,
-        ["clear_session", "execute_code", "list_session_files"]
+        [
+            "clear_session",
+            "execute_code",
+            "list_session_files",
+            "upload_file"
+        ]
     );
     assert!(tools.iter().all(|t| t.output_schema.is_some()));
     // Self-contained schemas: some clients cannot resolve `$ref`.

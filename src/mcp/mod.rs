@@ -7,6 +7,7 @@
 
 mod resources;
 pub mod types;
+mod upload;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,6 +153,89 @@ impl Interpreter {
         }
     }
 
+    /// Put a file into a session's folder, the code's working directory: uploaded as
+    /// "data/sales.csv", it opens in execute_code as pd.read_csv("data/sales.csv"). Give the
+    /// content as `content` (text) or `content_base64` (binary), at most 12 MiB. Missing
+    /// folders are created; an existing file is replaced only with `overwrite: true`. Waits
+    /// for a cell still running in that session. For larger data, fetch it from code
+    /// (pd.read_csv(URL), !curl -O URL, where the network allows) or use a host folder the
+    /// session instructions name.
+    #[tool(
+        input_schema = types::input_schema::<UploadFileArgs>(),
+        output_schema = types::output_schema::<UploadFileResult>()
+    )]
+    async fn upload_file(
+        &self,
+        args: JsonObject,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let args: UploadFileArgs = parse(args)?;
+        let bytes = upload::content(args.content, args.content_base64)?;
+        let new_session = args.session_id.is_empty() || args.session_id == "0";
+        let failure = |session_id: &str, error: String, session_info| {
+            render(
+                &UploadFileResult {
+                    success: false,
+                    session_id: session_id.to_string(),
+                    path: None,
+                    file: None,
+                    replaced: false,
+                    error: Some(error),
+                    session_info,
+                },
+                true,
+            )
+        };
+        // Refusals that need no session come first: no session is made for them.
+        let checked = bytes.map_err(upload::too_large).and_then(|bytes| {
+            crate::workspace::path::parse(&args.path)
+                .map(|rel| (rel, bytes))
+                .map_err(|e| upload::bad_path(&args.path, e))
+        });
+        let (rel, bytes) = match checked {
+            Ok(ok) => ok,
+            Err(e) => return Ok(failure("", e, None)),
+        };
+        let caller = principal(&ctx);
+        let session = if new_session {
+            self.registry.create(&caller).await
+        } else {
+            self.registry.get(&args.session_id, &caller).await
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => return Ok(failure("", model_error(&e), None)),
+        };
+        let id = session.id.as_str();
+        let session_info = new_session.then(|| SessionInfo {
+            session_id: id.to_string(),
+            instructions: self.session_instructions(id),
+        });
+        match self
+            .registry
+            .upload(&session, &rel, bytes, args.overwrite)
+            .await
+        {
+            Ok(w) => Ok(render(
+                &UploadFileResult {
+                    success: true,
+                    session_id: id.to_string(),
+                    path: Some(w.info.path.clone()),
+                    file: Some(file_ref(id, &w.info)),
+                    replaced: w.replaced,
+                    error: None,
+                    session_info,
+                },
+                false,
+            )),
+            Err(e) => Ok(failure(
+                id,
+                upload::refusal(&args.path, e, model_error),
+                session_info,
+            )),
+        }
+    }
+
     /// End a session now: shut its kernel down and delete its folder and files.
     #[tool(
         input_schema = types::input_schema::<SessionArgs>(),
@@ -196,7 +280,8 @@ impl Interpreter {
             "Use this `session_id` (\"{id}\") in subsequent execute_code calls to keep variables, \
              imports and files. The session expires after {idle} without use; after that, \
              start a new session and re-run your setup code. Files are readable as resources \
-             kernel://{id}/{{path}} and listed by list_session_files."
+             kernel://{id}/{{path}} and listed by list_session_files; upload_file puts a file \
+             into the session folder."
         )
     }
 }
@@ -221,7 +306,8 @@ impl ServerHandler for Interpreter {
         .with_instructions(
             "A stateful Python interpreter. Call execute_code with session_id \"\" to start a \
              session, then reuse the returned session_id. Figures and files the code writes are \
-             returned in `files` and readable as resources kernel://{session_id}/{path}.",
+             returned in `files` and readable as resources kernel://{session_id}/{path}; \
+             upload_file puts a file into a session's folder.",
         )
     }
 

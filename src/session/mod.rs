@@ -7,12 +7,14 @@
 //! sessions run in parallel. Expiry: every call refreshes `last_used`;
 //! [`Registry::sweep`] (run by [`expiry::run`]) removes idle sessions, and a
 //! lookup of a session past its deadline treats it as gone at once.
+//! Uploads ([`upload`]) take the same queue as calls.
 
 mod execute;
 pub mod expiry;
 pub mod id;
 pub mod output;
 pub mod pool;
+mod upload;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,6 +30,7 @@ use crate::workspace::{Snapshot, Workspace};
 pub use execute::{CallControl, ExecutionReport, ProgressUpdate};
 pub use id::SessionId;
 use pool::{Pool, Prepared};
+pub use upload::UploadError;
 
 /// What the registry needs to know, fixed at start-up.
 #[derive(Debug, Clone)]

@@ -1,0 +1,119 @@
+"""End-to-end tests of giving a session data, with the official Python MCP SDK
+over both transports: ``upload_file`` (text and binary, byte for byte as the
+kernel reads them; hostile paths and planted symlinks refused with nothing
+written outside; the disk quota).
+
+Run like test_e2e.py (``MCP_PI_BIN`` names the server binary).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from mcp import Client
+
+from test_e2e import CALL_TIMEOUT, UNKNOWN_SESSION_ID, assert_ok, call, execute, run_with_server
+
+QUOTA = 200_000
+TEXT = "city,sales\nZürich,12\nLyon,7\n"
+BINARY = bytes(range(256)) * 300  # 76 800 bytes, every byte value
+
+
+async def upload(client: Client, **arguments: object) -> tuple[bool, dict]:
+    result = await call(client, "upload_file", arguments)
+    sc = result.structured_content
+    assert sc is not None
+    assert sc["success"] is (not result.is_error), sc
+    return bool(result.is_error), sc
+
+
+async def kernel_json(client: Client, sid: str, expression: str) -> object:
+    """Evaluates ``expression`` in the kernel; returns its value via JSON on stdout."""
+    result, sc = await execute(client, f"import json\nprint(json.dumps({expression}))", sid)
+    assert_ok(result, sc)
+    return json.loads(sc["output"][0])
+
+
+async def upload_scenario(client: Client, data_dir: Path) -> None:
+    outside = data_dir.parent / "outside"
+    outside.mkdir()
+    (outside / "target.txt").write_text("untouched")
+
+    # Text, into a new session.
+    failed, sc = await upload(client, session_id="", path="data/sales.csv", content=TEXT)
+    assert not failed, sc
+    sid = sc["session_id"]
+    assert sc["path"] == "data/sales.csv"
+    assert sc["replaced"] is False
+    assert sc["file"] == {
+        "uri": f"kernel://{sid}/data/sales.csv",
+        "mime_type": "text/csv",
+        "name": "data/sales.csv",
+        "size": len(TEXT.encode()),
+    }
+    assert sid in sc["session_info"]["instructions"]
+
+    # Binary, into the same session.
+    failed, sc = await upload(
+        client, session_id=sid, path="blob.bin", content_base64=base64.b64encode(BINARY).decode()
+    )
+    assert not failed, sc
+    assert sc["file"]["size"] == len(BINARY)
+    assert sc["session_info"] is None
+
+    # The kernel reads both byte for byte, by the returned paths.
+    seen = await kernel_json(
+        client,
+        sid,
+        "[open('data/sales.csv', encoding='utf-8').read(), "
+        "__import__('hashlib').sha256(open('blob.bin', 'rb').read()).hexdigest()]",
+    )
+    assert seen == [TEXT, hashlib.sha256(BINARY).hexdigest()]
+    rr = await client.read_resource(f"kernel://{sid}/blob.bin")
+    assert base64.b64decode(rr.contents[0].blob) == BINARY
+
+    # Overwrite only when asked.
+    failed, sc = await upload(client, session_id=sid, path="blob.bin", content="x")
+    assert failed and sc["error"].startswith("FileExistsError:"), sc
+    failed, sc = await upload(client, session_id=sid, path="blob.bin", content="x", overwrite=True)
+    assert not failed and sc["replaced"] is True, sc
+
+    # Hostile paths and symlinks the kernel plants pointing outside.
+    result, sc = await execute(
+        client,
+        "import os\n"
+        f"os.symlink({str(outside / 'target.txt')!r}, 'link.txt')\n"
+        f"os.symlink({str(outside)!r}, 'out')\n"
+        f"os.symlink({str(outside / 'new.txt')!r}, 'dangling.txt')",
+        sid,
+    )
+    assert_ok(result, sc)
+    for path in ["../x", "/etc/x", "a/../../x", "%2e%2e/x", "link.txt", "out/target.txt", "out/new.txt", "dangling.txt"]:
+        for overwrite in (False, True):
+            failed, sc = await upload(client, session_id=sid, path=path, content="pwned", overwrite=overwrite)
+            assert failed and sc["error"].startswith("InvalidPathError:"), (path, sc)
+    assert (outside / "target.txt").read_text() == "untouched"
+    assert sorted(p.name for p in outside.iterdir()) == ["target.txt"]
+    assert not (data_dir / "x").exists() and not (data_dir.parent / "x").exists()
+    assert not Path("/etc/x").exists()
+    assert (data_dir / sid / "link.txt").is_symlink()
+
+    # Over the quota: refused, nothing written.
+    failed, sc = await upload(client, session_id=sid, path="big/big.bin", content="b" * QUOTA)
+    assert failed and sc["error"].startswith("DiskQuotaError:"), sc
+    assert not (data_dir / sid / "big").exists()
+
+    # An unknown session.
+    failed, sc = await upload(client, session_id=UNKNOWN_SESSION_ID, path="a.txt", content="a")
+    assert failed and sc["error"].startswith("SessionExpiredError:"), sc
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_upload(transport: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "sessions"
+    data_dir.mkdir()
+    run_with_server(transport, data_dir, upload_scenario, ("--max-session-bytes", str(QUOTA)))
