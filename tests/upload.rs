@@ -1,4 +1,4 @@
-//! `upload_file`, through rmcp's client against the
+//! `upload_file` and `path` completions, through rmcp's client against the
 //! real binary: files land byte for byte where the kernel reads them,
 //! hostile paths and planted symlinks write nothing outside the session,
 //! the quota holds, and an upload waits for a running cell.
@@ -8,11 +8,12 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{Server, Transport, start, start_boxed};
-use rmcp::model::{CallToolRequestParams, ResourceContents};
+use common::{Server, Transport, connect_http, start, start_boxed, start_with_token};
+use rmcp::model::{CallToolRequestParams, CompletionContext, ResourceContents};
 use serde_json::{Value, json};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+const TEMPLATE: &str = "kernel://{session_id}/{path}";
 
 /// Calls `upload_file`; returns (isError, structured result).
 async fn upload(s: &Server, args: Value) -> (bool, Value) {
@@ -310,4 +311,90 @@ async fn an_upload_waits_for_the_running_cell() {
         "upload"
     );
     std::sync::Arc::into_inner(s).unwrap().stop().await;
+}
+
+fn context(session_id: &str) -> Option<CompletionContext> {
+    Some(CompletionContext::with_arguments(
+        [("session_id".to_string(), session_id.to_string())].into(),
+    ))
+}
+
+/// `path` completes from the caller's session only; session ids are never
+/// completed; another principal's session completes to nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn completions_list_only_the_callers_files() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let tokens = dir.path().join("tokens");
+    let (alice, bob) = ("alice-token-0123456789", "bob-token-0123456789ab");
+    std::fs::write(&tokens, format!("alice {alice}\nbob {bob}\n")).unwrap();
+    let s = start_with_token(
+        Transport::Http,
+        &["--tokens-file", tokens.to_str().unwrap()],
+        Some(alice),
+    )
+    .await;
+    let a = &s.client;
+    let b = connect_http(s.url.as_deref().unwrap(), Some(bob))
+        .await
+        .unwrap();
+    let v = common::call(
+        a,
+        "execute_code",
+        json!({"session_id": "", "code":
+            "import os\nos.makedirs('sub')\n\
+             for n in ['a.csv', 'ab.csv', 'sub/c.csv', 'my file.txt']: open(n,'w').write('x')\n\
+             for i in range(150): open(f'many_{i:03}.txt','w').write('x')"}),
+    )
+    .await
+    .structured_content
+    .unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    let id = v["session_id"].as_str().unwrap().to_string();
+
+    let complete = |client: &common::Client, arg: &str, value: &str, ctx| {
+        let peer = client.peer().clone();
+        let (arg, value) = (arg.to_string(), value.to_string());
+        async move {
+            peer.complete_resource_argument(TEMPLATE, arg, value, ctx)
+                .await
+                .unwrap()
+        }
+    };
+    let c = complete(a, "path", "a", context(&id)).await;
+    assert_eq!(c.values, ["a.csv", "ab.csv"]);
+    assert_eq!((c.total, c.has_more), (Some(2), Some(false)));
+    assert_eq!(
+        complete(a, "path", "sub/", context(&id)).await.values,
+        ["sub/c.csv"]
+    );
+    assert_eq!(
+        complete(a, "path", "my%20", context(&id)).await.values,
+        ["my file.txt"]
+    );
+    let c = complete(a, "path", "", context(&id)).await;
+    assert_eq!(c.values.len(), 100);
+    assert_eq!((c.total, c.has_more), (Some(154), Some(true)));
+    let c = complete(a, "path", "many_14", context(&id)).await;
+    assert_eq!(c.values.len(), 10);
+    // Nothing for bob, an unknown session, no session, or session ids.
+    for c in [
+        complete(&b, "path", "", context(&id)).await,
+        complete(a, "path", "", context("AAAAAAAAAAAAAAAAAAAAAA")).await,
+        complete(a, "path", "", None).await,
+        complete(a, "session_id", "", None).await,
+        complete(a, "session_id", &id[..3], None).await,
+    ] {
+        assert!(c.values.is_empty(), "{c:?}");
+    }
+    // Completions are declared; an unknown template is invalid_params.
+    let info = a.peer().peer_info().unwrap();
+    assert!(info.capabilities.completions.is_some());
+    let e = a
+        .peer()
+        .complete_resource_argument("file:///{path}", "path", "", None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("-32602"), "{e}");
+    let _ = b.cancel().await;
+    s.stop().await;
 }

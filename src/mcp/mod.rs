@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use rmcp::handler::server::tool::ToolRouter;
 use rmcp::model::{
-    CallToolResult, Implementation, JsonObject, ListResourceTemplatesResult, ListResourcesResult,
-    PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequestParams,
-    ReadResourceResponse, ServerCapabilities, ServerConfig,
+    CallToolResult, CompleteRequestParams, CompleteResult, Implementation, JsonObject,
+    ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams,
+    ProgressNotificationParam, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
+    ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
@@ -295,6 +296,7 @@ impl ServerHandler for Interpreter {
             #[allow(deprecated)]
             ServerCapabilities::builder()
                 .enable_logging()
+                .enable_completions()
                 .enable_tools()
                 .enable_resources()
                 .build()
@@ -340,6 +342,16 @@ impl ServerHandler for Interpreter {
         Ok(ListResourceTemplatesResult::with_all_items(vec![
             resources::template(),
         ]))
+    }
+
+    /// Completes `path` in `kernel://{session_id}/{path}` from the caller's
+    /// session's files (see [`resources::complete`]).
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, McpError> {
+        resources::complete(&self.registry, &request, &principal(&ctx)).await
     }
 
     async fn read_resource(

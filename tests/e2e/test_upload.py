@@ -1,22 +1,28 @@
 """End-to-end tests of giving a session data, with the official Python MCP SDK
 over both transports: ``upload_file`` (text and binary, byte for byte as the
 kernel reads them; hostile paths and planted symlinks refused with nothing
-written outside; the disk quota).
+written outside; the disk quota), and completion of the ``path`` of
+``kernel://{session_id}/{path}`` (a session's files, nothing for an unknown
+session or another principal's).
 
 Run like test_e2e.py (``MCP_PI_BIN`` names the server binary).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 from pathlib import Path
 
+import httpx2
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import ResourceTemplateReference
 
-from test_e2e import CALL_TIMEOUT, UNKNOWN_SESSION_ID, assert_ok, call, execute, run_with_server
+from test_e2e import UNKNOWN_SESSION_ID, assert_ok, call, execute, http_server, run_with_server
 
 QUOTA = 200_000
 TEXT = "city,sales\nZürich,12\nLyon,7\n"
@@ -117,3 +123,67 @@ def test_upload(transport: str, tmp_path: Path) -> None:
     data_dir = tmp_path / "sessions"
     data_dir.mkdir()
     run_with_server(transport, data_dir, upload_scenario, ("--max-session-bytes", str(QUOTA)))
+
+
+TEMPLATE = ResourceTemplateReference(uri="kernel://{session_id}/{path}")
+FILES = ["a.csv", "ab.csv", "notes.txt", "sub/c.csv"]
+
+
+async def complete(client: Client, value: str, session_id: str | None, argument: str = "path") -> object:
+    context = None if session_id is None else {"session_id": session_id}
+    result = await client.complete(TEMPLATE, {"name": argument, "value": value}, context)
+    return result.completion
+
+
+async def make_files(client: Client) -> str:
+    result, sc = await execute(
+        client,
+        "import os\nos.makedirs('sub')\n" + "".join(f"open({f!r}, 'w').write('x')\n" for f in FILES),
+        "",
+    )
+    assert_ok(result, sc)
+    return sc["session_id"]
+
+
+async def completion_scenario(client: Client, data_dir: Path) -> None:
+    assert client.server_capabilities.completions is not None
+    sid = await make_files(client)
+    c = await complete(client, "a", sid)
+    assert c.values == ["a.csv", "ab.csv"] and c.total == 2 and c.has_more is False, c
+    assert (await complete(client, "", sid)).values == FILES
+    assert (await complete(client, "sub/", sid)).values == ["sub/c.csv"]
+    assert (await complete(client, "zzz", sid)).values == []
+    # Nothing for an unknown session, without one, or for session ids.
+    assert (await complete(client, "", UNKNOWN_SESSION_ID)).values == []
+    assert (await complete(client, "", None)).values == []
+    assert (await complete(client, sid[:2], None, "session_id")).values == []
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_completions(transport: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "sessions"
+    data_dir.mkdir()
+    run_with_server(transport, data_dir, completion_scenario)
+
+
+def bearer(url: str, token: str) -> Client:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    return Client(streamable_http_client(url, http_client=http), cache=None)
+
+
+def test_completions_never_show_another_principals_files(tmp_path: Path) -> None:
+    data_dir = tmp_path / "sessions"
+    data_dir.mkdir()
+    alice, bob = "alice-token-0123456789", "bob-token-0123456789ab"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice {alice}\nbob {bob}\n")
+
+    async def scenario(url: str) -> None:
+        async with bearer(url, alice) as a, bearer(url, bob) as b:
+            sid = await make_files(a)
+            assert (await complete(a, "", sid)).values == FILES
+            assert (await complete(b, "", sid)).values == []
+            assert (await complete(b, "a", sid)).values == []
+
+    with http_server(data_dir, ("--tokens-file", str(tokens))) as server:
+        asyncio.run(asyncio.wait_for(scenario(server.url), timeout=300))
