@@ -60,4 +60,6 @@ pub struct Config {
     pub inherited_path: String,
     /// How long a kernel may take to start.
     pub kernel_start_timeout: Duration,
+    /// Host folders shared with every kernel (`--mount`).
+    pub mounts: Vec<crate::sandbox::MountRequest>,
 }

@@ -282,7 +282,36 @@ impl Interpreter {
              imports and files. The session expires after {idle} without use; after that, \
              start a new session and re-run your setup code. Files are readable as resources \
              kernel://{id}/{{path}} and listed by list_session_files; upload_file puts a file \
-             into the session folder."
+             into the session folder.{}",
+            self.host_folders_note()
+        )
+    }
+
+    /// What the model should know of the host folders shared with every
+    /// kernel (`--mount`); empty when there are none.
+    fn host_folders_note(&self) -> String {
+        let folders = &self.registry.settings().host_folders;
+        let Some(first) = folders.first() else {
+            return String::new();
+        };
+        let list: Vec<String> = folders
+            .iter()
+            .map(|m| {
+                let access = if m.writable {
+                    "read-write"
+                } else {
+                    "read-only"
+                };
+                format!("{} ({access})", m.target.display())
+            })
+            .collect();
+        format!(
+            " Host folders shared with every session: {}. Code reads files there directly \
+             (e.g. pd.read_csv(\"{}/FILE.csv\")), no upload needed; read-only ones cannot be \
+             changed (copy a file into the session folder first); files written to a \
+             read-write one stay on the host and are not session files.",
+            list.join(", "),
+            first.target.display()
         )
     }
 }
@@ -305,12 +334,13 @@ impl ServerHandler for Interpreter {
             env!("CARGO_PKG_NAME"),
             env!("CARGO_PKG_VERSION"),
         ))
-        .with_instructions(
+        .with_instructions(format!(
             "A stateful Python interpreter. Call execute_code with session_id \"\" to start a \
              session, then reuse the returned session_id. Figures and files the code writes are \
-             returned in `files` and readable as resources kernel://{session_id}/{path}; \
-             upload_file puts a file into a session's folder.",
-        )
+             returned in `files` and readable as resources kernel://{{session_id}}/{{path}}; \
+             upload_file puts a file into a session's folder.{}",
+            self.host_folders_note()
+        ))
     }
 
     /// Accepted: the only log message sent is the info-level notice of a

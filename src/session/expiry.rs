@@ -73,6 +73,7 @@ mod tests {
                 max_output_chars: 20_000,
                 max_sessions: 100,
                 max_session_bytes: 1 << 30,
+                host_folders: Vec::new(),
             },
         ))
     }

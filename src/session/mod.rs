@@ -49,6 +49,9 @@ pub struct SessionSettings {
     pub max_sessions: usize,
     /// Disk quota of one session folder.
     pub max_session_bytes: u64,
+    /// Host folders every kernel sees (`--mount`), as each session's
+    /// instructions tell the model.
+    pub host_folders: Vec<crate::sandbox::HostMount>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,10 @@
 """End-to-end tests of giving a session data, with the official Python MCP SDK
 over both transports: ``upload_file`` (text and binary, byte for byte as the
 kernel reads them; hostile paths and planted symlinks refused with nothing
-written outside; the disk quota), and completion of the ``path`` of
-``kernel://{session_id}/{path}`` (a session's files, nothing for an unknown
-session or another principal's).
+written outside; the disk quota), a host folder shared with ``--mount``
+(readable, not writable, nothing beside it readable), and completion of the
+``path`` of ``kernel://{session_id}/{path}`` (a session's files, nothing for
+an unknown session or another principal's).
 
 Run like test_e2e.py (``MCP_PI_BIN`` names the server binary).
 """
@@ -14,6 +15,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx2
@@ -187,3 +190,73 @@ def test_completions_never_show_another_principals_files(tmp_path: Path) -> None
 
     with http_server(data_dir, ("--tokens-file", str(tokens))) as server:
         asyncio.run(asyncio.wait_for(scenario(server.url), timeout=300))
+
+
+SHARED_CSV = "city,sales\nLyon,7\nNice,5\n"
+WRITES = {
+    "create": "open(d + '/new.txt', 'w').write('x')",
+    "append": "open(d + '/data.csv', 'a').write('x')",
+    "remove": "os.remove(d + '/data.csv')",
+    "rename": "os.rename(d + '/data.csv', d + '/moved.csv')",
+    "mkdir": "os.mkdir(d + '/newdir')",
+    "chmod": "os.chmod(d + '/data.csv', 0o600)",
+}
+
+
+def shared_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder to share, writable by anyone (only the share's read-only-ness
+    can refuse a write), and a readable file beside it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "data.csv").write_text(SHARED_CSV)
+    shared.chmod(0o777)
+    (shared / "data.csv").chmod(0o666)
+    sibling = tmp_path / "sibling.txt"
+    sibling.write_text("not shared")
+    sibling.chmod(0o644)
+    return shared, sibling
+
+
+def host_folder_scenario(shared: Path, sibling: Path) -> Callable[[Client, Path], Awaitable[None]]:
+    # A root server's kernels have mount namespaces: /mnt/NAME; otherwise the host path.
+    target = "/mnt/shared" if os.geteuid() == 0 else str(shared)
+
+    async def scenario(client: Client, data_dir: Path) -> None:
+        result, sc = await execute(client, "import os, pandas as pd", "")
+        assert_ok(result, sc)
+        sid = sc["session_id"]
+        assert f"{target} (read-only)" in sc["session_info"]["instructions"], sc["session_info"]
+        assert f"{target} (read-only)" in (client.instructions or ""), client.instructions
+
+        seen = await kernel_json(client, sid, f"[int(pd.read_csv('{target}/data.csv')['sales'].sum()), os.listdir('{target}')]")
+        assert seen == [12, ["data.csv"]]
+
+        attempts = "{" + ", ".join(f"{name!r}: attempt(lambda: {code})" for name, code in WRITES.items()) + "}"
+        code = (
+            "def attempt(f):\n"
+            "    try:\n        f()\n        return 'ok'\n"
+            "    except Exception as e:\n        return type(e).__name__\n"
+            f"d = {target!r}\n"
+            f"print(json.dumps([{attempts}, attempt(lambda: open({str(sibling)!r}).read()), "
+            f"attempt(lambda: open(d + '/../sibling.txt').read())]))"
+        )
+        result, sc = await execute(client, "import json\n" + code, sid)
+        assert_ok(result, sc)
+        writes, beside, through_parent = json.loads(sc["output"][0])
+        assert set(writes) == set(WRITES)
+        assert "ok" not in writes.values(), writes
+        assert beside != "ok" and through_parent != "ok", (beside, through_parent)
+
+        assert sorted(p.name for p in shared.iterdir()) == ["data.csv"]
+        assert (shared / "data.csv").read_text() == SHARED_CSV
+        assert sibling.read_text() == "not shared"
+
+    return scenario
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+def test_host_folder(transport: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "sessions"
+    data_dir.mkdir()
+    shared, sibling = shared_folder(tmp_path)
+    run_with_server(transport, data_dir, host_folder_scenario(shared, sibling), ("--mount", str(shared)))
