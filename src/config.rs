@@ -68,4 +68,6 @@ pub struct Config {
     pub kernel_start_timeout: Duration,
     /// Images returned inline with execute_code results (count and size).
     pub inline_images: crate::session::InlineBudget,
+    /// Host folders shared with every kernel (`--mount`).
+    pub mounts: Vec<crate::sandbox::MountRequest>,
 }

@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use mcp_python_interpreter::auth::Tokens;
 use mcp_python_interpreter::config::{Config, TransportKind};
-use mcp_python_interpreter::sandbox::NetworkPolicy;
 use mcp_python_interpreter::sandbox::users::UidRange;
+use mcp_python_interpreter::sandbox::{MountRequest, NetworkPolicy};
 use mcp_python_interpreter::session::InlineBudget;
 use mcp_python_interpreter::{environment, logging, sandbox, serve};
 
@@ -172,6 +172,12 @@ struct Args {
     /// unit (500K, 1M); larger ones are scaled down or sent as JPEG.
     #[arg(long, default_value = "1000000", env = "MCP_INLINE_IMAGE_MAX_BYTES", value_parser = parse_bytes)]
     inline_image_max_bytes: u64,
+    /// A host folder every kernel may read: HOST_DIR[:NAME][:rw]. Kernels find it
+    /// at /mnt/NAME (NAME defaults to the folder's name), or at its own path where
+    /// the server cannot make mount namespaces (e.g. when not run as root);
+    /// read-only unless `:rw`. Repeatable; MCP_MOUNTS takes a comma-separated list.
+    #[arg(long = "mount", env = "MCP_MOUNTS", value_delimiter = ',', value_parser = MountRequest::parse)]
+    mounts: Vec<MountRequest>,
     /// Log level (error, warn, info, debug, trace), or a tracing filter.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -323,6 +329,7 @@ fn main() -> anyhow::Result<()> {
             max_pixels: args.inline_image_max_pixels,
             max_bytes: usize::try_from(args.inline_image_max_bytes).unwrap_or(usize::MAX),
         },
+        mounts: args.mounts.into_iter().map(expand_home).collect(),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -344,6 +351,17 @@ fn user_data_dir() -> PathBuf {
         Some(h) => PathBuf::from(h).join(".local/share"),
         None => std::env::temp_dir(),
     }
+}
+
+/// `~/x` in a `--mount` is `$HOME/x`: desktop clients start servers from a
+/// JSON list of arguments, which no shell expands.
+fn expand_home(mut m: MountRequest) -> MountRequest {
+    if let Ok(rest) = m.host.strip_prefix("~")
+        && let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty())
+    {
+        m.host = PathBuf::from(home).join(rest);
+    }
+    m
 }
 
 /// The tracing filter for `--log-level`. zeromq logs every kernel disconnect

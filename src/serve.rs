@@ -71,6 +71,8 @@ pub enum ServeError {
     Unauthenticated(String),
     #[error(transparent)]
     Sandbox(#[from] PlanError),
+    #[error(transparent)]
+    Mount(#[from] crate::sandbox::host_folders::MountError),
 }
 
 /// Runs the server until a signal (or, over stdio, the end of input).
@@ -106,7 +108,7 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
     };
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let sandbox = match sandbox_settings(&config, &python, &cgroups) {
+    let (sandbox, host_folders) = match sandbox_settings(&config, &python, &cgroups, &runtime_dir) {
         Ok(s) => s,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&runtime_dir);
@@ -142,6 +144,7 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
             restore: config.restore,
             replay_timeout: config.replay_timeout,
             inline_images: config.inline_images.clone(),
+            host_folders,
         },
     ));
     let adopted = registry.adopt().await;
@@ -386,25 +389,23 @@ async fn watch_signals(shutdown: CancellationToken) {
     std::process::exit(128 + forced_by as i32);
 }
 
-/// How kernels are confined here (see [`sandbox::plan`]).
+/// How kernels are confined here (see [`sandbox::plan`]), and the host
+/// folders they see.
 fn sandbox_settings(
     config: &Config,
     python: &KernelPython,
     cgroups: &Option<CgroupRoot>,
-) -> Result<Option<SandboxSettings>, ServeError> {
+    runtime_dir: &Path,
+) -> Result<(Option<SandboxSettings>, Vec<sandbox::HostMount>), ServeError> {
     if !config.sandbox {
         tracing::warn!(
             "kernel sandbox disabled (--no-sandbox): kernels run with the server's full rights"
         );
-        return Ok(None);
+        let folders = unconfined_host_folders(config, python, runtime_dir)?;
+        return Ok((None, folders));
     }
-    let mut python_dirs = python.prefixes.clone();
-    if let Some(bin) = &python.bin_dir
-        && let Some(env) = bin.parent()
-    {
-        python_dirs.push(env.to_path_buf());
-    }
-    Ok(sandbox::plan::plan(PlanInput {
+    let python_dirs = python_dirs(python);
+    let settings = sandbox::plan::plan(PlanInput {
         network: config.kernel_network.clone(),
         memory_bytes: config.kernel_memory_bytes,
         max_pids: config.kernel_max_pids,
@@ -413,8 +414,51 @@ fn sandbox_settings(
         uids: config.kernel_uids,
         python_dirs,
         data_dir: &config.data_dir,
+        runtime_dir,
         cgroups: cgroups.clone(),
-    })?)
+        mounts: &config.mounts,
+    })?;
+    let folders = match &settings {
+        Some(s) => s.host_mounts.clone(),
+        None => unconfined_host_folders(config, python, runtime_dir)?,
+    };
+    Ok((settings, folders))
+}
+
+/// The Python installation: its prefixes and the environment's folder.
+fn python_dirs(python: &KernelPython) -> Vec<PathBuf> {
+    let mut dirs = python.prefixes.clone();
+    if let Some(bin) = &python.bin_dir
+        && let Some(env) = bin.parent()
+    {
+        dirs.push(env.to_path_buf());
+    }
+    dirs
+}
+
+/// Shared host folders for kernels that are not confined (`--no-sandbox`):
+/// they are where they are on the host, and nothing is enforced.
+fn unconfined_host_folders(
+    config: &Config,
+    python: &KernelPython,
+    runtime_dir: &Path,
+) -> Result<Vec<sandbox::HostMount>, ServeError> {
+    let mounts = sandbox::host_folders::resolve(
+        &config.mounts,
+        sandbox::host_folders::Kernels::Unconfined,
+        &sandbox::host_folders::Protected {
+            data_dir: &config.data_dir,
+            runtime_dir,
+            python_dirs: &python_dirs(python),
+        },
+    )?;
+    for m in &mounts {
+        tracing::warn!(
+            "host folder: {} is at its own path for unconfined kernels, which may also write it",
+            m.host.display()
+        );
+    }
+    Ok(mounts)
 }
 
 /// Environment of every kernel.

@@ -29,7 +29,8 @@ async fn tools_list_matches_snapshot() {
             "clear_session",
             "execute_code",
             "export_notebook",
-            "list_session_files"
+            "list_session_files",
+            "upload_file"
         ]
     );
     assert!(tools.iter().all(|t| t.output_schema.is_some()));

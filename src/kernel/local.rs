@@ -163,6 +163,7 @@ impl LocalKernelFactory {
                     shm_bytes: s.memory_bytes,
                     masks: s.masks.clone(),
                     user: lease.as_ref().map(UidLease::user),
+                    host_mounts: s.host_mounts.clone(),
                 };
                 let spec =
                     serde_json::to_string(&spec).map_err(|e| KernelError::Start(e.to_string()))?;

@@ -11,6 +11,7 @@
 
 mod resources;
 pub mod types;
+mod upload;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +19,10 @@ use std::time::Duration;
 use base64::Engine;
 use rmcp::handler::server::tool::ToolRouter;
 use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, JsonObject, ListResourceTemplatesResult,
-    ListResourcesResult, PaginatedRequestParams, ProgressNotificationParam,
-    ReadResourceRequestParams, ReadResourceResponse, Resource, ServerCapabilities, ServerConfig,
+    CallToolResult, CompleteRequestParams, CompleteResult, ContentBlock, Implementation,
+    JsonObject, ListResourceTemplatesResult, ListResourcesResult, PaginatedRequestParams,
+    ProgressNotificationParam, ReadResourceRequestParams, ReadResourceResponse, Resource,
+    ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
@@ -234,6 +236,89 @@ impl Interpreter {
         }
     }
 
+    /// Put a file into a session's folder, the code's working directory: uploaded as
+    /// "data/sales.csv", it opens in execute_code as pd.read_csv("data/sales.csv"). Give the
+    /// content as `content` (text) or `content_base64` (binary), at most 12 MiB. Missing
+    /// folders are created; an existing file is replaced only with `overwrite: true`. Waits
+    /// for a cell still running in that session. For larger data, fetch it from code
+    /// (pd.read_csv(URL), !curl -O URL, where the network allows) or use a host folder the
+    /// session instructions name.
+    #[tool(
+        input_schema = types::input_schema::<UploadFileArgs>(),
+        output_schema = types::output_schema::<UploadFileResult>()
+    )]
+    async fn upload_file(
+        &self,
+        args: JsonObject,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let args: UploadFileArgs = parse(args)?;
+        let bytes = upload::content(args.content, args.content_base64)?;
+        let new_session = args.session_id.is_empty() || args.session_id == "0";
+        let failure = |session_id: &str, error: String, session_info| {
+            render(
+                &UploadFileResult {
+                    success: false,
+                    session_id: session_id.to_string(),
+                    path: None,
+                    file: None,
+                    replaced: false,
+                    error: Some(error),
+                    session_info,
+                },
+                true,
+            )
+        };
+        // Refusals that need no session come first: no session is made for them.
+        let checked = bytes.map_err(upload::too_large).and_then(|bytes| {
+            crate::workspace::path::parse(&args.path)
+                .map(|rel| (rel, bytes))
+                .map_err(|e| upload::bad_path(&args.path, e))
+        });
+        let (rel, bytes) = match checked {
+            Ok(ok) => ok,
+            Err(e) => return Ok(failure("", e, None)),
+        };
+        let caller = principal(&ctx);
+        let session = if new_session {
+            self.registry.create(&caller).await
+        } else {
+            self.registry.get(&args.session_id, &caller).await
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => return Ok(failure("", model_error(&e), None)),
+        };
+        let id = session.id.as_str();
+        let session_info = new_session.then(|| SessionInfo {
+            session_id: id.to_string(),
+            instructions: self.session_instructions(id),
+        });
+        match self
+            .registry
+            .upload(&session, &rel, bytes, args.overwrite)
+            .await
+        {
+            Ok(w) => Ok(render(
+                &UploadFileResult {
+                    success: true,
+                    session_id: id.to_string(),
+                    path: Some(w.info.path.clone()),
+                    file: Some(file_ref(id, &w.info)),
+                    replaced: w.replaced,
+                    error: None,
+                    session_info,
+                },
+                false,
+            )),
+            Err(e) => Ok(failure(
+                id,
+                upload::refusal(&args.path, e, model_error),
+                session_info,
+            )),
+        }
+    }
+
     /// End a session now: shut its kernel down and delete its folder and files.
     #[tool(
         input_schema = types::input_schema::<SessionArgs>(),
@@ -278,8 +363,38 @@ impl Interpreter {
             "Use this `session_id` (\"{id}\") in subsequent execute_code calls to keep variables, \
              imports and files. The session expires after {idle} without use; after that, \
              start a new session and re-run your setup code. Files are readable as resources \
-             kernel://{id}/{{path}} and listed by list_session_files; export_notebook saves \
-             the session's calls and outputs as a Jupyter notebook."
+             kernel://{id}/{{path}} and listed by list_session_files; upload_file puts a file \
+             into the session folder; export_notebook saves the session's calls and outputs as \
+             a Jupyter notebook.{}",
+            self.host_folders_note()
+        )
+    }
+
+    /// What the model should know of the host folders shared with every
+    /// kernel (`--mount`); empty when there are none.
+    fn host_folders_note(&self) -> String {
+        let folders = &self.registry.settings().host_folders;
+        let Some(first) = folders.first() else {
+            return String::new();
+        };
+        let list: Vec<String> = folders
+            .iter()
+            .map(|m| {
+                let access = if m.writable {
+                    "read-write"
+                } else {
+                    "read-only"
+                };
+                format!("{} ({access})", m.target.display())
+            })
+            .collect();
+        format!(
+            " Host folders shared with every session: {}. Code reads files there directly \
+             (e.g. pd.read_csv(\"{}/FILE.csv\")), no upload needed; read-only ones cannot be \
+             changed (copy a file into the session folder first); files written to a \
+             read-write one stay on the host and are not session files.",
+            list.join(", "),
+            first.target.display()
         )
     }
 }
@@ -293,6 +408,7 @@ impl ServerHandler for Interpreter {
             #[allow(deprecated)]
             ServerCapabilities::builder()
                 .enable_logging()
+                .enable_completions()
                 .enable_tools()
                 .enable_resources()
                 .build()
@@ -301,13 +417,14 @@ impl ServerHandler for Interpreter {
             env!("CARGO_PKG_NAME"),
             env!("CARGO_PKG_VERSION"),
         ))
-        .with_instructions(
+        .with_instructions(format!(
             "A stateful Python interpreter. Call execute_code with session_id \"\" to start a \
-             session, then reuse the returned session_id. Figures come back as images; files the \
-             code writes are listed in `files` (and as resource links) and readable as \
-             resources kernel://{session_id}/{path}. export_notebook saves a session as a \
-             Jupyter notebook.",
-        )
+             session, then reuse the returned session_id. Figures come back as images; files \
+             the code writes are listed in `files` (and as resource links) and readable as \
+             resources kernel://{{session_id}}/{{path}}; upload_file puts a file into a \
+             session's folder; export_notebook saves a session as a Jupyter notebook.{}",
+            self.host_folders_note()
+        ))
     }
 
     /// Accepted: the only log message sent is the info-level notice of a
@@ -339,6 +456,16 @@ impl ServerHandler for Interpreter {
         Ok(ListResourceTemplatesResult::with_all_items(vec![
             resources::template(),
         ]))
+    }
+
+    /// Completes `path` in `kernel://{session_id}/{path}` from the caller's
+    /// session's files (see [`resources::complete`]).
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, McpError> {
+        resources::complete(&self.registry, &request, &principal(&ctx)).await
     }
 
     async fn read_resource(

@@ -1,17 +1,29 @@
-//! `kernel://{session_id}/{path}` resources: URIs, and reads. The file is
-//! opened and read by [`crate::workspace::Workspace::read_file`] (beneath the
-//! session folder, no symlinks); this module only maps its answers to MCP.
+//! `kernel://{session_id}/{path}` resources: URIs, reads, and completions
+//! of `path`. The file is opened and read by
+//! [`crate::workspace::Workspace::read_file`] (beneath the session folder, no
+//! symlinks); this module only maps its answers to MCP.
+//!
+//! Completion offers the files of the session named by the request's
+//! already-resolved `session_id`, if the caller owns it; session ids
+//! themselves are never completed (that would list every session of the
+//! principal to anyone holding its token, which `resources/list` avoids too).
 
 use base64::Engine;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use rmcp::ErrorData as McpError;
-use rmcp::model::{ReadResourceResult, ResourceContents, ResourceTemplate};
+use rmcp::model::{
+    CompleteRequestParams, CompleteResult, CompletionInfo, ReadResourceResult, Reference,
+    ResourceContents, ResourceTemplate,
+};
 
 use crate::auth::Principal;
 use crate::session::Registry;
 use crate::workspace::{self, PathError, ReadError};
 
 const SCHEME: &str = "kernel://";
+const TEMPLATE: &str = "kernel://{session_id}/{path}";
+/// At most this many values in one completion (the protocol's limit).
+const MAX_COMPLETIONS: usize = CompletionInfo::MAX_VALUES;
 /// Largest file served through a resource read.
 const MAX_RESOURCE_BYTES: u64 = 64 * 1024 * 1024;
 /// Characters left as they are in a URI path segment.
@@ -22,7 +34,7 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 pub fn template() -> ResourceTemplate {
-    ResourceTemplate::new("kernel://{session_id}/{path}", "session-file")
+    ResourceTemplate::new(TEMPLATE, "session-file")
         .with_title("Session file")
         .with_description(
             "A file in an interpreter session's folder (figures, CSVs, anything the code wrote). \
@@ -93,6 +105,61 @@ pub async fn read(
         blob(bytes, uri, mime)
     };
     Ok(ReadResourceResult::new(vec![contents]))
+}
+
+/// Completes the template's `path` argument: the caller's session's files
+/// whose path starts with the value typed so far (sorted, at most
+/// [`MAX_COMPLETIONS`], with the total). Anything else completes to nothing.
+pub async fn complete(
+    registry: &Registry,
+    request: &CompleteRequestParams,
+    caller: &Principal,
+) -> Result<CompleteResult, McpError> {
+    let none =
+        || CompleteResult::new(CompletionInfo::with_all_values(Vec::new()).unwrap_or_default());
+    match &request.r#ref {
+        Reference::Resource(r) if r.uri == TEMPLATE => {}
+        Reference::Resource(r) => {
+            return Err(McpError::invalid_params(
+                format!(
+                    "unknown resource template {:?}; this server has {TEMPLATE}",
+                    r.uri
+                ),
+                None,
+            ));
+        }
+        _ => return Err(McpError::invalid_params("this server has no prompts", None)),
+    }
+    if request.argument.name != "path" {
+        return Ok(none());
+    }
+    let Some(id) = request
+        .context
+        .as_ref()
+        .and_then(|c| c.get_argument("session_id"))
+    else {
+        return Ok(none());
+    };
+    let Ok(session) = registry.get(id, caller).await else {
+        return Ok(none());
+    };
+    let typed = &request.argument.value;
+    let prefix = percent_encoding::percent_decode_str(typed)
+        .decode_utf8()
+        .map_or_else(|_| typed.clone(), |p| p.into_owned());
+    let mut values: Vec<String> = session
+        .files()
+        .await
+        .into_iter()
+        .map(|f| f.path)
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    let total = values.len();
+    values.truncate(MAX_COMPLETIONS);
+    let info =
+        CompletionInfo::with_pagination(values, u32::try_from(total).ok(), total > MAX_COMPLETIONS)
+            .unwrap_or_default();
+    Ok(CompleteResult::new(info))
 }
 
 fn blob(bytes: Vec<u8>, uri: &str, mime: String) -> ResourceContents {

@@ -40,6 +40,27 @@ pub struct SessionArgs {
     pub session_id: String,
 }
 
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct UploadFileArgs {
+    /// Session to put the file in: the `session_id` returned by `execute_code`. Empty string
+    /// or "0" starts a new session.
+    pub session_id: String,
+    /// Where the file goes, relative to the session folder (the code's working directory),
+    /// e.g. "sales.csv" or "data/sales.csv"; missing folders are created. Absolute paths, ".."
+    /// and symbolic links are refused. As in resource URIs, "%" starts a percent-escape
+    /// (write "%25" for a literal "%").
+    pub path: String,
+    /// The content as text (written as UTF-8). Give exactly one of `content` and `content_base64`.
+    #[serde(default)]
+    pub content: Option<String>,
+    /// The content as base64, for binary files (images, Excel, Parquet, zip).
+    #[serde(default)]
+    pub content_base64: Option<String>,
+    /// Replace a file that already exists at `path` (default false: that is an error).
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
 /// A file in a session folder, readable as an MCP resource at `uri`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct FileRef {
@@ -100,6 +121,26 @@ pub struct ExportNotebookResult {
     pub cells: u64,
     /// What was written, or why nothing was (`FileExistsError: ...`, `SessionExpiredError: ...`).
     pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct UploadFileResult {
+    /// False when nothing was written (see `error`).
+    pub success: bool,
+    /// The session the file is in (empty if none could be used).
+    pub session_id: String,
+    /// The path to open from code, relative to its working directory, e.g.
+    /// `pd.read_csv("data/sales.csv")`.
+    pub path: Option<String>,
+    /// The file written, readable as a resource at its `uri`.
+    pub file: Option<FileRef>,
+    /// An existing file was replaced.
+    pub replaced: bool,
+    /// Why nothing was written: `SessionExpiredError: ...`, `InvalidPathError: ...`,
+    /// `FileExistsError: ...`, `DiskQuotaError: ...`, `FileTooLargeError: ...`.
+    pub error: Option<String>,
+    /// Present when this call created the session.
+    pub session_info: Option<SessionInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

@@ -15,19 +15,23 @@
 //!   exist for the kernel; see [`init`]), and the wrapper makes a private
 //!   mount namespace: a fresh `/proc`, a private `/tmp` and `/dev/shm`, and
 //!   private folders (such as `/root`) replaced by empty ones into which
-//!   only what the kernel needs is bound back.
+//!   only what the kernel needs is bound back; host folders shared with
+//!   `--mount` bound at `/mnt/NAME` ([`host_folders`]), read-only unless
+//!   asked otherwise.
 //! - **No privilege** ([`users`]): a root server's kernels run as an
 //!   unprivileged uid of their own (one per live session), with no
 //!   supplementary groups.
 //! - **Landlock** ([`rules`]): writes only in the session folder and the
-//!   kernel's private runtime folder, reads only in system folders and the
-//!   Python installation; TCP connections only to web ports
+//!   kernel's private runtime folder (and `:rw` shared folders), reads only
+//!   in system folders, the Python installation and shared folders; TCP
+//!   connections only to web ports
 //!   ([`NetworkPolicy::Web`]); no signals and no abstract Unix sockets to
 //!   anything outside the kernel's own processes.
 //!
 //! What this host offers is found once at start-up by [`probe`] and logged.
 
 pub mod cgroup;
+pub mod host_folders;
 mod init;
 mod mounts;
 pub mod plan;
@@ -40,6 +44,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use host_folders::{HostMount, MountRequest};
 pub use probe::{Capabilities, LandlockSupport};
 
 /// Environment variable carrying the JSON [`SandboxSpec`] to the wrapper.
@@ -97,6 +102,10 @@ pub struct SandboxSpec {
     pub masks: Vec<PathBuf>,
     /// Drop to this user (the server is root).
     pub user: Option<KernelUser>,
+    /// Host folders shared with the kernel: bound at their targets in a
+    /// private mount namespace (read-only ones remounted so), and granted
+    /// by Landlock at their targets.
+    pub host_mounts: Vec<HostMount>,
 }
 
 impl Default for SandboxSpec {
@@ -113,6 +122,7 @@ impl Default for SandboxSpec {
             shm_bytes: 64 << 20,
             masks: Vec::new(),
             user: None,
+            host_mounts: Vec::new(),
         }
     }
 }
@@ -148,6 +158,8 @@ pub enum SandboxError {
     Network(nix::Error),
     #[error("cannot hide {0} from the kernel: {1}")]
     Mask(PathBuf, std::io::Error),
+    #[error("cannot share the host folder {0} with the kernel: {1}")]
+    HostFolder(PathBuf, std::io::Error),
     #[error("cannot drop privileges to uid {0}: {1}")]
     User(u32, nix::Error),
     #[error("landlock: {0}")]
@@ -249,9 +261,10 @@ fn isolate(mut spec: SandboxSpec, pid1: bool) -> Result<SandboxSpec, SandboxErro
                     spec.read_write.push(PathBuf::from("/tmp"));
                 }
             }
-            // Masks are only asked for where the probe found mount
-            // namespaces to work: failing here is an error, not a downgrade.
-            Err(e) if !spec.masks.is_empty() => return Err(e),
+            // Masks and shared folders are only asked for where the probe
+            // found mount namespaces to work: failing here is an error, not
+            // a downgrade.
+            Err(e) if !spec.masks.is_empty() || !spec.host_mounts.is_empty() => return Err(e),
             Err(e) => eprintln_quiet(&format!(
                 "mcp-python-interpreter kernel sandbox: no private /tmp ({e}); /tmp stays unwritable"
             )),

@@ -9,10 +9,14 @@
 //!   the Python installation or the session folder) replaced by an empty
 //!   tmpfs, into which the kept folders beneath it are bound back at their
 //!   old paths. The kernel can then reach its interpreter and its folder,
-//!   and nothing else that was there.
+//!   and nothing else that was there;
+//! - host folders shared with `--mount` ([`super::host_folders`]): an empty
+//!   tmpfs over `/mnt`, and each folder bound (not recursively: mounts
+//!   beneath it are not shared) at `/mnt/NAME`, then remounted read-only
+//!   unless shared `:rw`, and `nosuid`, `nodev` either way.
 //!
-//! Kept folders are opened before anything is covered and bound from those
-//! open descriptors, so covering a parent cannot hide them.
+//! Kept and shared folders are opened before anything is covered and bound
+//! from those open descriptors, so covering a parent cannot hide them.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -20,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{MsFlags, mount};
 
+use super::host_folders::{HostMount, MOUNT_BASE};
 use super::{SandboxError, SandboxSpec};
 
 /// What [`private_view`] managed to set up.
@@ -60,6 +65,21 @@ pub(super) fn private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, Sandb
     if spec.private_tmp.is_some() {
         covered.push(Path::new("/tmp"));
     }
+    let base = Path::new(MOUNT_BASE);
+    let cover_base = spec.host_mounts.iter().any(|m| m.target.starts_with(base));
+    if cover_base {
+        covered.push(base);
+    }
+    // Shared folders, opened (as root) before anything is covered.
+    let shared: Vec<(&HostMount, File)> = spec
+        .host_mounts
+        .iter()
+        .map(|m| {
+            File::open(&m.host)
+                .map(|f| (m, f))
+                .map_err(|e| SandboxError::HostFolder(m.host.clone(), e))
+        })
+        .collect::<Result<_, _>>()?;
     // Hold every kept folder (and the private /tmp) open before anything is covered.
     let mut kept: Vec<(PathBuf, File)> = spec
         .read_only
@@ -84,6 +104,16 @@ pub(super) fn private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, Sandb
             Some("mode=0755,size=1m"),
         )
         .map_err(|e| fail(m, io(e)))?;
+    }
+    if cover_base {
+        mount(
+            Some("tmpfs"),
+            base,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755,size=1m"),
+        )
+        .map_err(|e| fail(base, io(e)))?;
     }
     if let Some(t) = &tmp {
         bind_fd(t, Path::new("/tmp")).map_err(|e| fail(Path::new("/tmp"), e))?;
@@ -110,7 +140,31 @@ pub(super) fn private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, Sandb
         }
         bind_fd(file, path).map_err(|e| fail(path, e))?;
     }
+    for (m, file) in &shared {
+        share(m, file).map_err(|e| SandboxError::HostFolder(m.host.clone(), e))?;
+    }
     Ok(View { tmp: tmp.is_some() })
+}
+
+/// Binds the shared folder open as `source` at its target, alone (not
+/// recursively), then sets the bind's flags: read-only unless shared
+/// `:rw`, no set-uid programs, no devices.
+fn share(m: &HostMount, source: &File) -> std::io::Result<()> {
+    std::fs::create_dir_all(&m.target)?;
+    let from = format!("/proc/self/fd/{}", source.as_raw_fd());
+    mount(
+        Some(from.as_str()),
+        &m.target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(io)?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if !m.writable {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    mount(None::<&str>, &m.target, None::<&str>, flags, None::<&str>).map_err(io)
 }
 
 /// Binds the folder or file open as `source` at `target`.

@@ -2,14 +2,16 @@
 //!
 //! [`plan`] probes what the host offers ([`super::probe`]), chooses the
 //! layers, logs one line per layer saying what is active (and what is not,
-//! and what that leaves open), and returns the settings every kernel launch
-//! uses. A root server whose kernels cannot be made unprivileged refuses to
+//! and what that leaves open), decides where shared host folders appear
+//! ([`super::host_folders`], one line each), and returns the settings every
+//! kernel launch uses. A root server whose kernels cannot be made unprivileged refuses to
 //! start rather than run kernels as root.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::cgroup::CgroupRoot;
+use super::host_folders::{self, HostMount, Kernels, MountError, MountRequest, Protected};
 use super::users::{UidPool, UidRange};
 use super::{Capabilities, LandlockSupport, NetworkPolicy};
 
@@ -41,6 +43,8 @@ pub struct SandboxSettings {
     pub masks: Vec<PathBuf>,
     /// uids for kernels, when the server is root.
     pub users: Option<UidPool>,
+    /// Host folders every kernel sees (`--mount`).
+    pub host_mounts: Vec<HostMount>,
 }
 
 /// What the plan is made from.
@@ -55,7 +59,11 @@ pub struct PlanInput<'a> {
     pub python_dirs: Vec<PathBuf>,
     /// Parent of the session folders.
     pub data_dir: &'a Path,
+    /// The kernels' private folders (connection files, sockets).
+    pub runtime_dir: &'a Path,
     pub cgroups: Option<CgroupRoot>,
+    /// Host folders to share with every kernel.
+    pub mounts: &'a [MountRequest],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +80,8 @@ pub enum PlanError {
          --data-dir/--envs-dir under /var/lib or /srv) or make {blocker} searchable (chmod o+x)"
     )]
     Unreachable { path: PathBuf, blocker: PathBuf },
+    #[error(transparent)]
+    Mount(#[from] MountError),
 }
 
 /// Probes the host and decides; `None` when confinement cannot be applied
@@ -123,7 +133,20 @@ pub fn plan(input: PlanInput<'_>) -> Result<Option<SandboxSettings>, PlanError> 
             }
         }
     }
+    let host_mounts = host_folders::resolve(
+        input.mounts,
+        Kernels::Confined {
+            mount_ns: caps.mount_ns,
+            uids: root.then_some(input.uids),
+        },
+        &Protected {
+            data_dir: input.data_dir,
+            runtime_dir: input.runtime_dir,
+            python_dirs: &input.python_dirs,
+        },
+    )?;
     log_layers(&caps, &input, root, &masks);
+    log_host_mounts(&host_mounts, &caps);
 
     Ok(Some(SandboxSettings {
         exe,
@@ -143,12 +166,13 @@ pub fn plan(input: PlanInput<'_>) -> Result<Option<SandboxSettings>, PlanError> 
         shared_tmp: root && !caps.mount_ns,
         masks,
         users,
+        host_mounts,
     }))
 }
 
 /// The first folder on the way to `path` (excluding `/`, including `path`
 /// itself) that others may not search.
-fn unsearchable_ancestor(path: &Path) -> Option<PathBuf> {
+pub(super) fn unsearchable_ancestor(path: &Path) -> Option<PathBuf> {
     let mut ancestors: Vec<&Path> = path.ancestors().collect();
     ancestors.reverse();
     ancestors
@@ -160,6 +184,29 @@ fn unsearchable_ancestor(path: &Path) -> Option<PathBuf> {
                 .unwrap_or(false)
         })
         .map(Path::to_path_buf)
+}
+
+/// One line per shared host folder, and what is not enforced here.
+fn log_host_mounts(mounts: &[HostMount], caps: &Capabilities) {
+    for m in mounts {
+        tracing::info!(
+            "host folder: {} is {} for every kernel at {}",
+            m.host.display(),
+            if m.writable {
+                "read-write"
+            } else {
+                "read-only"
+            },
+            m.target.display()
+        );
+        if !m.writable && !caps.mount_ns && caps.landlock_fs == LandlockSupport::None {
+            tracing::warn!(
+                "host folder {}: neither mount namespaces nor Landlock are available, so \
+                 read-only is not enforced: kernels may write it wherever their user may",
+                m.host.display()
+            );
+        }
+    }
 }
 
 fn log_layers(caps: &Capabilities, input: &PlanInput<'_>, root: bool, masks: &[PathBuf]) {

@@ -1,7 +1,8 @@
 //! The kernel's Landlock ruleset.
 //!
-//! - Files (ABI 1–5): read and execute beneath `read_only`, everything beneath
-//!   `read_write`, nothing elsewhere.
+//! - Files (ABI 1–5): read and execute beneath `read_only` and read-only
+//!   shared host folders, everything beneath `read_write` and `:rw` shared
+//!   folders, nothing elsewhere.
 //! - Network (ABI 4): with [`NetworkPolicy::Web`], TCP `connect` only to the
 //!   listed ports. Binding is left alone (a cell may serve on a port, but no
 //!   other kernel can connect to it).
@@ -48,6 +49,17 @@ pub(super) fn restrict(spec: &SandboxSpec) -> Result<RulesetStatus, SandboxError
             AccessFs::from_all(FS_ABI),
         ))
         .map_err(err)?;
+    // Shared host folders, at the path the kernel sees them.
+    for m in &spec.host_mounts {
+        let access = if m.writable {
+            AccessFs::from_all(FS_ABI)
+        } else {
+            AccessFs::from_read(FS_ABI)
+        };
+        created = created
+            .add_rules(path_beneath_rules([&m.target], access))
+            .map_err(err)?;
+    }
     if let NetworkPolicy::Web { ports } = &spec.network {
         for &port in ports {
             created = created

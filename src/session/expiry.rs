@@ -77,6 +77,7 @@ mod tests {
                 restore: crate::session::Restore::Replay,
                 replay_timeout: Duration::from_secs(120),
                 inline_images: Default::default(),
+                host_folders: Vec::new(),
             },
         ))
     }

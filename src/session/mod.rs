@@ -17,6 +17,7 @@
 //! Each session keeps its [`history::History`] (code, success and outputs of
 //! every call, bounded), which [`Registry::export_notebook`] writes as a
 //! Jupyter notebook into the session folder.
+//! Uploads ([`upload`]) take the same queue as calls.
 
 mod execute;
 pub mod expiry;
@@ -28,6 +29,7 @@ pub mod output;
 pub mod pool;
 mod replay;
 pub mod store;
+mod upload;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +46,7 @@ pub use execute::{CallControl, ExecutionReport, ProgressUpdate};
 pub use id::SessionId;
 pub use inline::{InlineBudget, InlineImage};
 use pool::{Pool, Prepared};
+pub use upload::UploadError;
 
 /// What the registry needs to know, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -70,6 +73,9 @@ pub struct SessionSettings {
     pub replay_timeout: Duration,
     /// Images returned inline with a call's result.
     pub inline_images: InlineBudget,
+    /// Host folders every kernel sees (`--mount`), as each session's
+    /// instructions tell the model.
+    pub host_folders: Vec<crate::sandbox::HostMount>,
 }
 
 /// How a session adopted after a restart gets its state back.

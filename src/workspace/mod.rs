@@ -3,8 +3,8 @@
 //! A workspace knows nothing about kernels or MCP. It lists files, tells what
 //! an execution created or changed (a snapshot of size and mtime per file,
 //! brought up to date from inotify's list of touched paths, see [`watch`]),
-//! creates the files the server writes (figures, long output), and reads
-//! files for clients.
+//! creates the files the server writes (figures, long output), reads
+//! files for clients, and writes the files clients upload ([`upload`]).
 //!
 //! The folder is opened once, when the workspace is created, and every file
 //! operation afterwards is relative to that descriptor: a folder renamed or
@@ -15,6 +15,7 @@
 //! kernel runs in this folder and may swap any name in it at any moment.
 
 pub mod path;
+mod upload;
 mod watch;
 
 use std::collections::HashMap;
@@ -29,6 +30,7 @@ use rustix::io::Errno;
 use watch::{Changed, Watcher};
 
 pub use path::PathError;
+pub use upload::{WriteError, WriteOptions, Written};
 
 /// At most this many files are tracked per session folder; beyond it a
 /// snapshot stops walking (and the caller is told, see [`Snapshot::truncated`]).

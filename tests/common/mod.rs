@@ -46,7 +46,24 @@ pub async fn start(transport: Transport, extra: &[&str]) -> Server {
 /// Without bwrap the server runs unboxed, unless `MCP_TEST_REQUIRE_BWRAP`
 /// is set (as `scripts/test` does), which makes that a failure.
 pub async fn start_boxed(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
-    start_inner(transport, extra, token, Boxing::Boxed).await
+    start_inner(transport, extra, token, Boxing::Boxed, &[]).await
+}
+
+/// Like [`start_boxed`] (or [`start_boxed_without_namespaces`] when
+/// `namespaces` is false), with the folders `writable` writable in the box
+/// too, so a test sees what a defence, not the box, refuses there.
+pub async fn start_boxed_with_writable(
+    transport: Transport,
+    extra: &[&str],
+    namespaces: bool,
+    writable: &[&std::path::Path],
+) -> Server {
+    let boxing = if namespaces {
+        Boxing::Boxed
+    } else {
+        Boxing::NoNamespaces
+    };
+    start_inner(transport, extra, None, boxing, writable).await
 }
 
 /// Like [`start_boxed`], but the server (root) lacks CAP_SYS_ADMIN, as in a
@@ -60,7 +77,7 @@ pub async fn start_boxed_without_namespaces(
     extra: &[&str],
     token: Option<&str>,
 ) -> Server {
-    start_inner(transport, extra, token, Boxing::NoNamespaces).await
+    start_inner(transport, extra, token, Boxing::NoNamespaces, &[]).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,8 +152,13 @@ fn bwrap_available() -> bool {
     found
 }
 
-/// The command that runs the server, boxed or not.
-fn server_command(data_dir: &std::path::Path, boxing: Boxing) -> Command {
+/// The command that runs the server, boxed or not; in a box, `writable`
+/// are bound writable after the data folder.
+fn server_command(
+    data_dir: &std::path::Path,
+    boxing: Boxing,
+    writable: &[&std::path::Path],
+) -> Command {
     if boxing != Boxing::None && bwrap_available() {
         let mut cmd = Command::new("bwrap");
         if boxing == Boxing::NoNamespaces {
@@ -170,6 +192,9 @@ fn server_command(data_dir: &std::path::Path, boxing: Boxing) -> Command {
             cmd.arg("--ro-bind-try").arg(&xdg).arg(&xdg);
         }
         cmd.arg("--bind").arg(data_dir).arg(data_dir);
+        for w in writable {
+            cmd.arg("--bind").arg(w).arg(w);
+        }
         cmd.args(["--die-with-parent", "--"]).arg(BIN);
         cmd
     } else {
@@ -191,7 +216,7 @@ pub async fn connect_http(url: &str, token: Option<&str>) -> Result<Client, Stri
 
 /// Starts a server; over HTTP the client authenticates with `token`.
 pub async fn start_with_token(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
-    start_inner(transport, extra, token, Boxing::None).await
+    start_inner(transport, extra, token, Boxing::None, &[]).await
 }
 
 async fn start_inner(
@@ -199,12 +224,14 @@ async fn start_inner(
     extra: &[&str],
     token: Option<&str>,
     boxing: Boxing,
+    writable: &[&std::path::Path],
 ) -> Server {
     start_in(
         transport,
         extra,
         token,
         boxing,
+        writable,
         tempfile::tempdir().unwrap(),
     )
     .await
@@ -215,13 +242,14 @@ async fn start_in(
     extra: &[&str],
     token: Option<&str>,
     boxing: Boxing,
+    writable: &[&std::path::Path],
     data_dir: tempfile::TempDir,
 ) -> Server {
     let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.path().display().to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     match transport {
         Transport::Stdio => {
-            let mut cmd = server_command(data_dir.path(), boxing);
+            let mut cmd = server_command(data_dir.path(), boxing, writable);
             cmd.arg("--transport")
                 .arg("stdio")
                 .args(&args)
@@ -241,7 +269,7 @@ async fn start_in(
             }
         }
         Transport::Http => {
-            let mut child = server_command(data_dir.path(), boxing)
+            let mut child = server_command(data_dir.path(), boxing, writable)
                 .args(["--transport", "http", "--host", "127.0.0.1", "--port", "0"])
                 .args(&args)
                 .env("LOG_LEVEL", "error")
@@ -317,7 +345,15 @@ impl Server {
             .expect("server did not exit")
             .unwrap();
         let _ = self.client.cancel().await;
-        start_in(Transport::Http, extra, token, Boxing::None, self.data_dir).await
+        start_in(
+            Transport::Http,
+            extra,
+            token,
+            Boxing::None,
+            &[],
+            self.data_dir,
+        )
+        .await
     }
 
     /// Stops the server with SIGTERM and waits (bounded) for it to exit.

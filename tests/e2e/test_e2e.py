@@ -44,7 +44,7 @@ SHUTDOWN_TIMEOUT = 15.0  # server exiting after SIGTERM
 SHORT_SESSION_TIMEOUT = 3
 SHORT_CLEANUP_INTERVAL = 1
 
-TOOL_NAMES = {"execute_code", "list_session_files", "clear_session", "export_notebook"}
+TOOL_NAMES = {"execute_code", "list_session_files", "clear_session", "export_notebook", "upload_file"}
 EXECUTE_KEYS = {"success", "session_id", "output", "result", "error", "traceback", "files", "session_info"}
 FILE_KEYS = {"uri", "mime_type", "name", "size"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -305,7 +305,7 @@ async def read_png(client: Client, data_dir: Path, session_id: str, ref: dict[st
 
 
 async def main_scenario(client: Client, data_dir: Path) -> None:
-    # 1. Tools: exactly these four, each with an output schema.
+    # 1. Tools: exactly these, each with an output schema.
     listing = await client.list_tools()
     tools = {t.name: t for t in listing.tools}
     assert set(tools) == TOOL_NAMES and len(listing.tools) == len(TOOL_NAMES), sorted(t.name for t in listing.tools)
