@@ -244,3 +244,35 @@ async fn tampered_records_are_ignored_and_owners_kept() {
     let _ = bob.cancel().await;
     s.stop().await;
 }
+
+/// `--ephemeral`: a shutdown throws sessions away (folder and record), as
+/// before sessions were durable.
+#[tokio::test(flavor = "multi_thread")]
+async fn ephemeral_servers_delete_sessions_at_shutdown() {
+    let s = start(Transport::Http, &["--ephemeral", "--pool-size", "1"]).await;
+    let (id, _) = s.new_session("open('f.txt','w').write('f')").await;
+    let data = s.data_dir.path().to_path_buf();
+    assert!(data.join(&id).join("f.txt").exists());
+    let s = s
+        .restart(Signal::SIGTERM, &["--ephemeral", "--pool-size", "0"], None)
+        .await;
+    let left: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(
+        !data.join(".records").exists(),
+        "records kept by an ephemeral server"
+    );
+    let v = s.exec(&id, "1").await;
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("SessionExpiredError"),
+        "{v}"
+    );
+    s.stop().await;
+}
