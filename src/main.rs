@@ -187,6 +187,19 @@ fn main() -> anyhow::Result<()> {
     // Our binary doubles as the kernels' sandbox wrapper (see src/sandbox).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.get(1).is_some_and(|a| a == sandbox::WRAPPER_ARG) {
+        if argv
+            .get(2)
+            .is_some_and(|a| a == sandbox::users::KILL_UID_ARG)
+        {
+            let uid = argv
+                .get(3)
+                .and_then(|u| u.to_str())
+                .and_then(|u| u.parse().ok());
+            std::process::exit(match uid.map(sandbox::users::kill_all_of) {
+                Some(Ok(())) => 0,
+                _ => 1,
+            });
+        }
         if argv.get(2).is_some_and(|a| a == "--probe") {
             let uid = argv
                 .get(3)

@@ -150,6 +150,41 @@ async fn without_namespaces_the_other_layers_hold_and_plotly_works() {
         start_boxed_without_namespaces(Transport::Http, &["--tokens-file", &tokens], Some(TOKEN))
             .await;
     attack(&s, &tokens).await;
+
+    // Without a PID namespace or a cgroup, what a cell leaves running (in a
+    // session of its own) is killed before its uid can go to another session.
+    let (id, v) = s
+        .new_session(
+            "import os, subprocess\nsubprocess.Popen(['sleep', '300'], start_new_session=True)\nos.getuid()",
+        )
+        .await;
+    let uid: u32 = text(&v).parse().unwrap();
+    let sleepers = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|p| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                status.lines().any(|l| {
+                    l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(&uid.to_string())
+                }) && cmd.starts_with(b"sleep\x00300")
+            })
+            .collect()
+    };
+    let left = sleepers();
+    if is_root() {
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
+    s.call("clear_session", json!({"session_id": id})).await;
+    for p in left {
+        assert!(
+            common::wait_gone(p, Duration::from_secs(10)).await,
+            "process {p} of uid {uid} outlived its session"
+        );
+    }
+
     let (id, _) = s.new_session("import plotly.express as px").await;
     let r = tokio::time::timeout(
         Duration::from_secs(120),

@@ -49,6 +49,9 @@ pub(crate) struct StartupFiles {
     pub lifeline: Option<tokio::process::ChildStdin>,
     /// The kernel's uid; given back only once its processes are all gone.
     pub lease: Option<crate::sandbox::users::UidLease>,
+    /// Our binary, when processes of the kernel's uid may outlive it (no PID
+    /// namespace, no cgroup): run with `--kill-uid` before the uid is given back.
+    pub uid_reaper: Option<PathBuf>,
 }
 
 /// The execution in flight, if any.
@@ -133,6 +136,19 @@ impl Actor {
             .await;
         }
         let _ = tokio::fs::remove_dir_all(&files.private_dir).await;
+        if let (Some(exe), Some(lease)) = (&files.uid_reaper, &files.lease) {
+            let _ = tokio::process::Command::new(exe)
+                .args([
+                    crate::sandbox::WRAPPER_ARG,
+                    crate::sandbox::users::KILL_UID_ARG,
+                ])
+                .arg(lease.user().uid.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .await;
+        }
         drop(files.lease);
     }
 

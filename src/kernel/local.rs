@@ -237,6 +237,13 @@ impl LocalKernelFactory {
             start_timeout: self.config.start_timeout,
             stderr_tail,
             lifeline,
+            uid_reaper: sandbox
+                .filter(|s| {
+                    lease.as_ref().is_some_and(UidLease::is_exclusive)
+                        && !pid_ns
+                        && s.cgroups.is_none()
+                })
+                .map(|s| s.exe.clone()),
             lease,
         };
         let (tx, rx) = mpsc::channel(16);

@@ -33,6 +33,29 @@ pub(super) fn become_user(user: KernelUser) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Wrapper argument: `__kernel-sandbox --kill-uid UID`.
+pub const KILL_UID_ARG: &str = "--kill-uid";
+
+/// Kills every process of `uid` (run as its own short-lived process: it
+/// becomes `uid`, then `kill(-1, SIGKILL)` reaches exactly that user's
+/// processes). Used when a kernel had neither a PID namespace nor a cgroup
+/// to take its leftovers with it, before its uid goes to another session.
+pub fn kill_all_of(uid: u32) -> Result<(), SandboxError> {
+    use nix::sys::signal::{Signal, kill};
+    if uid == 0 {
+        return Err(SandboxError::User(0, nix::errno::Errno::EPERM));
+    }
+    become_user(KernelUser { uid, gid: uid })?;
+    for _ in 0..20 {
+        // -1: every process we may signal, except ourselves.
+        match kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL) {
+            Err(nix::errno::Errno::ESRCH) => return Ok(()),
+            _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+    Ok(())
+}
+
 /// A range of uids, `first..=last`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UidRange {
@@ -85,6 +108,11 @@ pub struct UidLease {
 }
 
 impl UidLease {
+    /// Whether no other kernel has this uid (a range of one is shared).
+    pub fn is_exclusive(&self) -> bool {
+        self.pool.is_some()
+    }
+
     pub fn user(&self) -> KernelUser {
         KernelUser {
             uid: self.uid,
