@@ -170,7 +170,10 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
 
     let served = match config.transport {
         TransportKind::Stdio => serve_stdio(registry.clone(), shutdown.clone()).await,
-        TransportKind::Http => serve_http(&config, registry.clone(), shutdown.clone()).await,
+        TransportKind::Http => {
+            watch_launcher(shutdown.clone());
+            serve_http(&config, registry.clone(), shutdown.clone()).await
+        }
     };
 
     shutdown.cancel();
@@ -362,6 +365,59 @@ fn is_loopback(host: &str) -> bool {
 /// [`FORCE_EXIT_AFTER`] without the shutdown done, ends the process at once
 /// with status 128 + that signal's number, as if killed by it. Kernels
 /// notice within a second that their parent is gone and exit too.
+/// An HTTP server whose stdin is a pipe or a socket was started by a
+/// program (a client, an inspector, a supervisor) holding the other end.
+/// When that program goes away, the end of stdin is the only sign of it:
+/// shut down then, instead of serving on, orphaned, forever. stdin that is
+/// a terminal, `/dev/null` or a file (a shell, systemd, `nohup`) is left
+/// alone. A launcher that speaks MCP over stdin to an HTTP server (the
+/// default transport) is told, in the log, what to change.
+///
+/// A blocking read on a thread of its own, as stdin cannot be read on the
+/// reactor portably; it is not waited for at exit (it ends with the process).
+fn watch_launcher(shutdown: CancellationToken) {
+    use nix::sys::stat::{SFlag, fstat};
+    let Ok(st) = fstat(std::io::stdin()) else {
+        return;
+    };
+    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    if kind != SFlag::S_IFIFO && kind != SFlag::S_IFSOCK {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("launcher-watch".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 4096];
+            let mut told = false;
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if !told && buf[..n].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+                            told = true;
+                            tracing::error!(
+                                "received what looks like MCP on stdin, but this server speaks streamable \
+                                 HTTP (the default transport); a client that talks over stdin must start \
+                                 it with --transport stdio"
+                            );
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            if !shutdown.is_cancelled() {
+                tracing::info!("stdin closed: the program that started this server is gone; shutting down");
+                shutdown.cancel();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch stdin for the launcher going away: {e}");
+    }
+}
+
 async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut int), Ok(mut term)) = (

@@ -1092,6 +1092,7 @@ async fn http_calls_do_not_flood_the_log() {
         .arg("--data-dir")
         .arg(data.path())
         .env("LOG_LEVEL", "info")
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

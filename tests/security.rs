@@ -140,6 +140,7 @@ async fn public_bind_without_auth_refuses_to_start() {
         .args(["--transport", "http", "--host", "0.0.0.0", "--port", "0"])
         .arg("--data-dir")
         .arg(data.path().join("d"))
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

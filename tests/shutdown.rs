@@ -392,3 +392,44 @@ async fn stderr_nobody_reads() {
     server.assert_shut_down_in_order().await;
     drop(lines);
 }
+
+/// An HTTP server started by a program that holds its stdin (as the MCP
+/// Inspector does when it is told to run a stdio server but the server's
+/// default transport is HTTP): it says so in the log when MCP arrives on
+/// stdin, and when that program goes away (stdin closes) it shuts down in
+/// order instead of serving on, orphaned.
+#[tokio::test]
+async fn http_server_whose_launcher_closes_stdin() {
+    use tokio::io::AsyncWriteExt;
+    let (mut cmd, data_dir, tmp_dir) = launch(
+        &["--transport", "http", "--host", "127.0.0.1", "--port", "0"],
+        "info",
+    );
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = common::listening_url(&mut lines).await;
+    start_a_session(&url).await;
+    stdin
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\"}\n")
+        .await
+        .unwrap();
+    wait_for_line(&mut lines, "--transport stdio").await;
+    drop(stdin);
+    let mut server = Launched {
+        child,
+        data_dir,
+        tmp_dir,
+    };
+    let status = server
+        .exit_within(ORDERLY)
+        .await
+        .expect("HTTP server still running after its launcher closed stdin");
+    assert_eq!(status.code(), Some(0), "{status}");
+    server.assert_shut_down_in_order().await;
+}
