@@ -1241,6 +1241,22 @@ async fn rich_results_images_links_displays_and_notebook() {
     assert_eq!(html, "<p>hello <b>world</b></p>");
     assert_eq!(mime.as_deref(), Some("text/html"));
 
+    // A styled pandas table (jinja2 is in the kernel environment) is HTML
+    // only: saved as a file, its text in the result, not `<Styler object>`.
+    let r = exec(
+        &id,
+        "import pandas as pd\npd.DataFrame({'city': ['Oslo'], 'sales': [3]}).style.highlight_max()",
+    )
+    .await;
+    let v = r.structured_content.clone().unwrap();
+    assert_eq!(v["success"], true, "{v:#}");
+    assert_eq!(v["files"][0]["name"], "display_2.html", "{v:#}");
+    let result = v["result"].as_str().unwrap();
+    assert!(
+        result.contains("Oslo") && !result.contains("object"),
+        "{v:#}"
+    );
+
     let r = exec(&id, "print('before'); 1/0").await;
     assert_eq!(r.is_error, Some(true));
 
@@ -1249,7 +1265,7 @@ async fn rich_results_images_links_displays_and_notebook() {
         .await;
     let v = r.structured_content.clone().unwrap();
     assert_eq!(v["success"], true, "{v:#}");
-    assert_eq!(v["cells"], 3);
+    assert_eq!(v["cells"], 4);
     assert_eq!(v["file"]["name"], "run.ipynb");
     assert_eq!(v["file"]["mime_type"], "application/x-ipynb+json");
     let link = r.content.iter().find_map(|b| b.as_resource_link()).unwrap();
@@ -1261,7 +1277,7 @@ async fn rich_results_images_links_displays_and_notebook() {
         (Some(4), Some(5))
     );
     let cells = nb["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 3);
+    assert_eq!(cells.len(), 4);
     let kinds = |i: usize| -> Vec<String> {
         cells[i]["outputs"]
             .as_array()
@@ -1276,8 +1292,9 @@ async fn rich_results_images_links_displays_and_notebook() {
         cells[0]
     );
     assert_eq!(kinds(1), ["display_data", "execute_result"]);
-    assert_eq!(kinds(2), ["stream", "error"]);
-    assert_eq!(cells[2]["outputs"][1]["ename"], "ZeroDivisionError");
+    assert_eq!(kinds(2), ["execute_result"]);
+    assert_eq!(kinds(3), ["stream", "error"]);
+    assert_eq!(cells[3]["outputs"][1]["ename"], "ZeroDivisionError");
 
     // The name is taken now; a bad name is a protocol error.
     let r = s
