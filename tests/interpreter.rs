@@ -807,6 +807,18 @@ async fn flushed_line_flood_arrives_whole_and_in_order() {
         )
         .await;
     assert_eq!(v["output"], json!(["20000%\n"]), "{v}");
+
+    // A forked child does not send again what the parent had printed.
+    let v = s
+        .exec(
+            &id,
+            "import multiprocessing as mp\nprint('parent', flush=True)\n\
+             p = mp.get_context('fork').Process(target=print, args=('child',))\n\
+             p.start(); p.join()",
+        )
+        .await;
+    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    assert_eq!(out.concat().matches("parent").count(), 1, "{v}");
     s.stop().await;
 }
 

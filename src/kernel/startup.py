@@ -101,6 +101,7 @@ def _coalesce_streams(ip, OutStream):
     # A stream that holds `chunk` characters is flushed at once (and waits),
     # so a message stays bounded however fast a cell writes, and one huge
     # write (print('x' * 10**9)) is split into bounded messages.
+    import os
     import sys
     import threading
 
@@ -189,6 +190,15 @@ def _coalesce_streams(ip, OutStream):
             return send(*args, **kwargs)
 
         iopub.send_multipart = send_multipart
+
+    # A forked child (multiprocessing) starts with copies of the buffers and
+    # would send their text again: hand it to the IOPub thread first.
+    def before_fork():
+        for stream in streams:
+            if stream._is_master_process() and holds_text(stream):
+                flush_now(stream)
+
+    os.register_at_fork(before=before_fork)
 
     def cell_starts(*args, **kwargs):
         in_cell[0] = True
