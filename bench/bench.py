@@ -49,17 +49,18 @@ import urllib.parse
 FULL = dict(
     kernel_starts=5, graceful_shutdowns=2, new_sessions=10, warm_calls=300, warm_rounds=4, noop_calls=100,
     nagle_calls=20, plot_calls=20, par_sessions=8, par_calls=20, par_reps=3, many_files_calls=100,
-    fair_calls=100,
+    fair_calls=100, flood_lines=300_000,
 )  # fmt: skip
 QUICK = dict(
     kernel_starts=2, graceful_shutdowns=1, new_sessions=3, warm_calls=40, warm_rounds=2, noop_calls=20,
     nagle_calls=5, plot_calls=5, par_sessions=8, par_calls=5, par_reps=1, many_files_calls=10,
-    fair_calls=20,
+    fair_calls=20, flood_lines=30_000,
 )  # fmt: skip
 WARMUP_CALLS = 20  # untimed calls before a warm-latency series
 CALL_TIMEOUT = 60.0  # one execute_code / one raw execution
-FLOOR_TIMEOUT = 180.0  # the floor's one-shot subprocess
-OURS_TIMEOUT = 300.0  # everything measured on the servers
+FLOOR_TIMEOUT = 480.0  # the floor's one-shot subprocess
+OURS_TIMEOUT = 600.0  # everything measured on the servers
+FLOOD_TIMEOUT = 300.0  # the flushed-line flood, on either side
 LISTEN_TIMEOUT = 60.0  # HTTP server printing its address
 SHUTDOWN_TIMEOUT = 15.0  # a server exiting after SIGTERM / stdin closed
 POOL_SIZE = 2
@@ -71,6 +72,8 @@ PLOT = "import matplotlib.pyplot as plt; plt.plot([1,2,3]); plt.savefig('p.png')
 GETPID = "import os; os.getpid()"
 BACKEND = "import matplotlib; matplotlib.get_backend()"
 MANY_FILES = 5000  # files in the session folder for the change-detection row
+# A progress loop / training log: one flushed line per iteration.
+FLOOD = "for i in range({n}): print(i, flush=True)"
 MAKE_FILES = (
     "import os\nfor d in range(50):\n    os.makedirs(f'many/{d}', exist_ok=True)\n"
     "    for i in range(100):\n        open(f'many/{d}/{i}.txt', 'w').write('x')"
@@ -84,6 +87,7 @@ T_PLOT_S = 0.5
 T_PARALLEL_CPS = 280.0
 T_SERVER_RSS_KB = 30 * 1024
 T_FAIR_RATIO = 2.0
+T_FLOOD_S_PER_300K = 10.0
 BUSY_PROCESSES = 7
 # Keeps BUSY_PROCESSES processes busy until the file `stop` appears (at most 30 s).
 BUSY = (
@@ -286,13 +290,13 @@ class RawKernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=CALL_TIMEOUT)
 
-    def run(self, code):
+    def run(self, code, timeout=CALL_TIMEOUT):
         """Execute; return (seconds to the request's iopub idle, outputs).
         The shell reply is collected afterwards, outside the timed span."""
         kc = self.kc
         t0 = time.perf_counter()
         msg_id = kc.execute(code, allow_stdin=False)
-        deadline = t0 + CALL_TIMEOUT
+        deadline = t0 + timeout
         outputs = []
         while True:
             msg = kc.get_iopub_msg(timeout=max(0.0, deadline - time.perf_counter()))
@@ -409,6 +413,13 @@ def floor_main(quick):
                 raise RuntimeError(f"raw kernel: the plot showed no PNG: {outputs}")
             plots.append(t)
         out["plot_s"] = plots
+
+        # The flushed-line flood: time to idle, and how much of it arrived (a
+        # raw kernel's PUB socket drops what is beyond its high-water mark).
+        lines = n["flood_lines"]
+        t, outputs = k.run(FLOOD.format(n=lines), timeout=FLOOD_TIMEOUT)
+        text = "".join(c["text"] for kind, c in outputs if kind == "stream")
+        out["flood"] = {"lines": lines, "seconds": t, "messages": len(outputs), "lines_received": text.count("\n")}
         kernels.remove(k)
         k.close()
 
@@ -667,6 +678,21 @@ class Ours:
         self.cpu["client_s"] += time.process_time() - c_cpu
         self.cpu["calls"] += 2 * count
         return trivial, printed
+
+    async def flood(self, sid, lines):
+        """The flushed-line flood; checks that the output ends with its last line."""
+        code = FLOOD.format(n=lines)
+        args = {"code": code, "session_id": sid, "timeout": FLOOD_TIMEOUT}
+        t0 = time.perf_counter()
+        r = await self.c.call_tool("execute_code", args, read_timeout_seconds=FLOOD_TIMEOUT + 30)
+        t = time.perf_counter() - t0
+        s = r.structured_content
+        if not isinstance(s, dict) or not s.get("success"):
+            raise RuntimeError(f"the flood failed: {s if s is not None else r}")
+        text = "".join(o for o in s["output"] if not o.startswith("File created: "))
+        if not text.endswith(f"\n{lines - 2}\n{lines - 1}\n"):
+            raise RuntimeError(f"the flood's output lost its tail: {text[-300:]!r}")
+        return {"lines": lines, "seconds": t}
 
     async def noop(self, sid, n):
         out = []
@@ -1008,6 +1034,9 @@ async def measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, 
     log(f"  {n['plot_calls']} plots (stdio)")
     st["plot_s"], st["matplotlib_backend"] = await stdio.plot(sid_s, n["plot_calls"])
 
+    log(f"  {n['flood_lines']} flushed lines in one cell (stdio)")
+    st["flood"] = await stdio.flood(sid_s, n["flood_lines"])
+
     log(f"  CPU fairness: warm calls while another session runs {BUSY_PROCESSES} busy processes (stdio)")
     busy = await stdio.new()
     st["fair_idle_s"] = [(await stdio.call(TRIVIAL, sid_s))[0] for _ in range(n["fair_calls"])]
@@ -1108,6 +1137,18 @@ def build_rows(floor, ours, pool_pause):
     mp, fp = summary(st["plot_s"]), summary(floor["plot_s"])
     row("matplotlib plot p50", "stdio", "s", mp["p50"], fp["p50"], f"<= {T_PLOT_S} s", mp["p50"] <= T_PLOT_S,
         "floor: the same cell on a raw kernel (inline backend)")  # fmt: skip
+
+    if "flood" in st:
+        f, m = floor["flood"], st["flood"]
+        lines = m["lines"]
+        target = T_FLOOD_S_PER_300K * lines / 300_000
+        label = f"{lines:,} lines printed with flush=True".replace(",", " ")
+        if lines != 300_000:
+            label += " (--quick: fewer than 300 000)"
+        row(label, "stdio", "s", m["seconds"], f["seconds"], f"<= {target:g} s", m["seconds"] <= target,
+            f"one cell `{FLOOD.format(n='N')}`; output bounded, its tail checked; floor: the same cell on a raw "
+            f"kernel, to its idle (received {f['lines_received']} of {f['lines']} lines in {f['messages']} "
+            "messages: its PUB socket drops beyond the high-water mark)")  # fmt: skip
 
     fpar = floor["parallel"]
     for transport, o in (("stdio", st), ("http", ht)):

@@ -190,7 +190,7 @@ async fn rapid_calls_lose_no_output() {
         )
         .await;
     assert_eq!(
-        v["result"], "(0.0, '__mcp_interpreter_setup.<locals>.flush')",
+        v["result"], "(0.0, '_coalesce_streams.<locals>.flush')",
         "{v}"
     );
     for i in 0..100 {
@@ -741,6 +741,84 @@ async fn huge_output_is_bounded_and_saved() {
         .exec(&id, "import sys\nfor i in range(101): sys.stdout.write(f'\\r{i}%'); sys.stdout.flush()\nprint()")
         .await;
     assert_eq!(v["output"], json!(["100%\n"]));
+    s.stop().await;
+}
+
+/// A cell that flushes every line (progress loops, training logs) gets its
+/// output sent in batches: complete and in order in the output file, bounded
+/// in the result with its last line intact; flushed stdout and stderr lines
+/// keep their order, and `end='\r'` progress collapses across batches.
+#[tokio::test(flavor = "multi_thread")]
+async fn flushed_line_flood_arrives_whole_and_in_order() {
+    let s = start(Transport::Stdio, &["--max-output-chars", "2000"]).await;
+    let (id, _) = s.new_session("n = 100_000").await;
+    let v = s
+        .exec(&id, "for i in range(n): print(f'line {i}', flush=True)")
+        .await;
+    assert_eq!(v["success"], true, "{v}");
+    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    // The cell's text, then a line naming the output file.
+    let joined: String = out
+        .iter()
+        .filter(|o| !o.starts_with("File created: "))
+        .cloned()
+        .collect();
+    assert!(joined.len() < 4000, "{} bytes returned", joined.len());
+    assert!(joined.starts_with("line 0\nline 1\n"), "{joined}");
+    assert!(joined.ends_with("\nline 99998\nline 99999\n"), "{joined}");
+    let f = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"].as_str().unwrap().starts_with("output_"))
+        .expect("full output file listed");
+    let full = std::fs::read_to_string(
+        s.data_dir
+            .path()
+            .join(&id)
+            .join(f["name"].as_str().unwrap()),
+    )
+    .unwrap();
+    let expected: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
+    assert!(
+        full == expected,
+        "the output file is not every line in order"
+    );
+
+    let v = s
+        .exec(
+            &id,
+            "import sys\nfor i in range(100):\n    print('o', i, flush=True)\n    \
+             print('e', i, file=sys.stderr, flush=True)\nprint('end')",
+        )
+        .await;
+    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    let mut expected: Vec<String> = (0..100)
+        .flat_map(|i| [format!("o {i}\n"), format!("e {i}\n")])
+        .collect();
+    expected.push("end\n".to_string());
+    assert_eq!(out.concat(), expected.concat());
+    assert_eq!(out, expected);
+
+    let v = s
+        .exec(
+            &id,
+            "for i in range(20_001): print(f'{i}%', end='\\r', flush=True)\nprint()",
+        )
+        .await;
+    assert_eq!(v["output"], json!(["20000%\n"]), "{v}");
+
+    // A forked child does not send again what the parent had printed.
+    let v = s
+        .exec(
+            &id,
+            "import multiprocessing as mp\nprint('parent', flush=True)\n\
+             p = mp.get_context('fork').Process(target=print, args=('child',))\n\
+             p.start(); p.join()",
+        )
+        .await;
+    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    assert_eq!(out.concat().matches("parent").count(), 1, "{v}");
     s.stop().await;
 }
 

@@ -6,8 +6,6 @@ def __mcp_interpreter_setup():
     # project pins kaleido 0.2.1 on purpose because it ships its own Chromium.
     warnings.filterwarnings("ignore", message=r"(?s).*Kaleido versions less than 1")
 
-    # One huge write (print('x' * 10**9)) would become one huge iopub message
-    # that the server must hold whole: split big writes into bounded messages.
     import contextlib
     import sys
 
@@ -43,34 +41,7 @@ def __mcp_interpreter_setup():
     # patch; we need neither, so the tee becomes a no-op.
     ip._tee = lambda channel: contextlib.nullcontext()
 
-    chunk = 64 * 1024
-    original = OutStream.write
-
-    def write(self, string):
-        if isinstance(string, str) and len(string) > chunk:
-            for i in range(0, len(string), chunk):
-                original(self, string[i : i + chunk])
-                self.flush()
-            return len(string)
-        return original(self, string)
-
-    OutStream.write = write
-
-    # Every cell ends with sys.stdout.flush() and sys.stderr.flush(); each is
-    # a round trip to the IOPub thread even when nothing was written. With an
-    # empty buffer there is nothing to wait for: output rotated out earlier is
-    # sent by the IOPub thread before anything scheduled later (the `idle`
-    # status included), so skipping the wait keeps every output before idle.
-    original_flush = OutStream.flush
-
-    def flush(self):
-        # (`_buffers` is ipykernel 6.2x/7's; other versions keep their flush.)
-        buffers = getattr(self, "_buffers", None)
-        if buffers is not None and not buffers and getattr(self, "echo", None) is None:
-            return None
-        return original_flush(self)
-
-    OutStream.flush = flush
+    _coalesce_streams(ip, OutStream)
 
     # Code that sets sys.stdout/sys.stderr to None (or to something that
     # cannot be written) would silence every later cell, results included:
@@ -102,6 +73,141 @@ def __mcp_interpreter_setup():
     ip.events.register("pre_execute", unpin)
 
     _guard_kaleido()
+
+
+def _coalesce_streams(ip, OutStream):
+    # ipykernel sends one iopub message per flush, and an explicit flush
+    # (print(..., flush=True), logging, progress bars) waits for a round trip
+    # to the IOPub thread: a cell printing 300 000 flushed lines spends
+    # minutes in messages. While a cell runs, an explicit flush therefore
+    # only schedules ipykernel's own buffered flush, which the IOPub thread
+    # runs `interval` after the first unsent write and which sends everything
+    # written until then as one message per stream. Every write schedules
+    # that flush too (ipykernel's 0.2 s becomes `interval`), so output still
+    # shows within milliseconds in progress reports. 5 ms: at most 200
+    # messages a second per stream, each costing the kernel and the server
+    # some tens of microseconds, against a delay nobody reading progress
+    # every 500 ms can see.
+    #
+    # Order is kept where it was before:
+    # - every other iopub message a thread sends (displays, clear_output,
+    #   results, errors, the `idle` status) first really flushes what the
+    #   streams hold, so text written before it arrives before it;
+    # - a write to one stream while the other holds text it was asked to
+    #   flush sends that text first, so flushed stdout/stderr lines
+    #   interleave as they were written;
+    # - outside cells (the kernel's flush before its reply and `idle`, input
+    #   prompts) a flush is the original synchronous one.
+    # A stream that holds `chunk` characters is flushed at once (and waits),
+    # so a message stays bounded however fast a cell writes, and one huge
+    # write (print('x' * 10**9)) is split into bounded messages.
+    import os
+    import sys
+    import threading
+
+    interval = 0.005
+    chunk = 64 * 1024
+    # (`_buffers`, `_schedule_flush` and `_flush` are ipykernel 6.2x/7's;
+    # other versions keep their own writes and flushes.)
+    if not all(hasattr(OutStream, a) for a in ("_schedule_flush", "_flush", "_is_master_process")):
+        return
+    OutStream.flush_interval = interval
+    original_write = OutStream.write
+    original_flush = OutStream.flush
+    original_send_pending = OutStream._flush
+    in_cell = [False]
+    streams = [s for s in (sys.stdout, sys.stderr) if isinstance(s, OutStream)]
+    other = {id(a): b for a in streams for b in streams if a is not b}
+
+    def holds_text(stream):
+        # Text not yet handed to the IOPub thread. Checked in this order: a
+        # flush rotates the buffers first and queues its message last, and
+        # `_mcp_sending` covers the time in between.
+        buffers = getattr(stream, "_buffers", None)
+        return bool(buffers) or getattr(stream, "_mcp_sending", False)
+
+    def send_pending(self):
+        self._mcp_sending = True
+        self._mcp_asked = False
+        self._mcp_held = 0
+        try:
+            return original_send_pending(self)
+        finally:
+            self._mcp_sending = False
+
+    def write(self, string):
+        if not isinstance(string, str) or not string or getattr(self, "_buffers", None) is None:
+            return original_write(self, string)
+        # (Checked at the write, not at the flush: a write schedules a send.)
+        send_asked_peer(self)
+        for i in range(0, len(string), chunk):
+            piece = string[i : i + chunk] if len(string) > chunk else string
+            original_write(self, piece)
+            held = getattr(self, "_mcp_held", 0) + len(piece)
+            self._mcp_held = held
+            if held >= chunk:
+                original_flush(self)
+        return len(string)
+
+    def send_asked_peer(self):
+        # Text the other stream was asked to flush goes before this stream's
+        # next text.
+        peer = other.get(id(self))
+        if peer is not None and getattr(peer, "_mcp_asked", False) and holds_text(peer):
+            original_flush(peer)
+
+    def flush_now(self):
+        send_asked_peer(self)
+        return original_flush(self)
+
+    def flush(self):
+        if getattr(self, "_buffers", None) is None or getattr(self, "echo", None) is not None:
+            return original_flush(self)
+        if not holds_text(self):
+            # Nothing to wait for: text rotated out earlier is queued on the
+            # IOPub thread before anything sent after this returns.
+            return None
+        if in_cell[0] and self._is_master_process():
+            self._mcp_asked = True
+            self._schedule_flush()
+            return None
+        return flush_now(self)
+
+    OutStream._flush = send_pending
+    OutStream.write = write
+    OutStream.flush = flush
+
+    iopub = getattr(ip.kernel, "iopub_thread", None)
+    if iopub is not None and hasattr(iopub, "send_multipart"):
+        send = iopub.send_multipart
+
+        def send_multipart(*args, **kwargs):
+            thread = iopub.thread
+            if thread is not None and thread.is_alive() and thread.ident != threading.get_ident():
+                for stream in streams:
+                    if holds_text(stream):
+                        flush_now(stream)
+            return send(*args, **kwargs)
+
+        iopub.send_multipart = send_multipart
+
+    # A forked child (multiprocessing) starts with copies of the buffers and
+    # would send their text again: hand it to the IOPub thread first.
+    def before_fork():
+        for stream in streams:
+            if stream._is_master_process() and holds_text(stream):
+                flush_now(stream)
+
+    os.register_at_fork(before=before_fork)
+
+    def cell_starts(*args, **kwargs):
+        in_cell[0] = True
+
+    def cell_ends(*args, **kwargs):
+        in_cell[0] = False
+
+    ip.events.register("pre_execute", cell_starts)
+    ip.events.register("post_execute", cell_ends)
 
 
 def _guard_kaleido():
@@ -177,4 +283,4 @@ def _guard_kaleido():
 
 
 __mcp_interpreter_setup()
-del __mcp_interpreter_setup, _guard_kaleido
+del __mcp_interpreter_setup, _coalesce_streams, _guard_kaleido

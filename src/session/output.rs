@@ -40,6 +40,10 @@ pub struct Collector {
     out: CellOutput,
     /// Which stream the last output element came from, for merging.
     last_stream: Option<bool>,
+    /// The last stream text ended with `\r` (dropped when collapsing): text
+    /// merged next into the same element starts by overwriting that line,
+    /// however the kernel cut its messages.
+    cr_pending: bool,
     /// A `clear_output(wait=True)` waiting for the next output.
     pending_clear: bool,
     /// Most bytes of stream text returned to the model.
@@ -73,6 +77,7 @@ impl Collector {
         Self {
             out: CellOutput::default(),
             last_stream: None,
+            cr_pending: false,
             pending_clear: false,
             limit: limit.max(64),
             kept: 0,
@@ -156,26 +161,51 @@ impl Collector {
     }
 
     fn stream(&mut self, stderr: bool, text: &str) {
-        if self.overflow.is_none() && self.kept + text.len() <= self.limit {
-            match (self.last_stream, self.out.output.last_mut()) {
-                (Some(s), Some(last)) if s == stderr => {
-                    self.kept -= last.len();
-                    last.push_str(text);
-                    if text.contains('\r') {
-                        *last = collapse_cr(last);
+        let merge = self.last_stream == Some(stderr) && !self.out.output.is_empty();
+        let carried = merge && std::mem::take(&mut self.cr_pending);
+        if self.overflow.is_none() {
+            if !carried && !text.contains('\r') {
+                if self.kept + text.len() <= self.limit {
+                    self.kept += text.len();
+                    match self.out.output.last_mut() {
+                        Some(last) if merge => last.push_str(text),
+                        _ => self.out.output.push(text.to_string()),
                     }
-                    self.kept += last.len();
+                    self.last_stream = Some(stderr);
+                    return;
                 }
-                _ => {
-                    let t = collapse_cr(text);
-                    self.kept += t.len();
-                    self.out.output.push(t);
+            } else {
+                // Measured once collapsed: a batch of progress redraws may
+                // be long and still leave one short line.
+                let prev = match self.out.output.last() {
+                    Some(last) if merge => last.as_str(),
+                    _ => "",
+                };
+                let mut joined = String::with_capacity(prev.len() + 1 + text.len());
+                joined.push_str(prev);
+                if carried {
+                    joined.push('\r');
+                }
+                joined.push_str(text);
+                let t = collapse_cr(&joined);
+                let kept = self.kept - prev.len() + t.len();
+                if kept <= self.limit {
+                    self.kept = kept;
+                    match self.out.output.last_mut() {
+                        Some(last) if merge => *last = t,
+                        _ => self.out.output.push(t),
+                    }
+                    self.cr_pending = text.ends_with('\r') || (carried && text.is_empty());
+                    self.last_stream = Some(stderr);
+                    return;
                 }
             }
-            self.last_stream = Some(stderr);
-            return;
         }
-        self.overflowing(text);
+        if carried {
+            self.overflowing(&format!("\r{text}"));
+        } else {
+            self.overflowing(text);
+        }
     }
 
     /// A display's text: its own element, also subject to the limit.
@@ -656,6 +686,31 @@ mod tests {
         }
         c.push(stream(false, "\nend\n"));
         assert_eq!(c.finish(None).output, vec!["start\n100%|\nend\n"]);
+    }
+
+    #[test]
+    fn carriage_returns_collapse_across_messages() {
+        // `print(f"{i}%", end="\r", flush=True)`, cut into messages anywhere.
+        let mut c = Collector::new(20_000);
+        c.push(stream(false, "start\n0%\r1%\r"));
+        c.push(stream(false, "2%\r3"));
+        c.push(stream(false, "%\r"));
+        c.push(stream(false, "4%\r"));
+        c.push(stream(false, ""));
+        c.push(stream(false, "100%\r"));
+        c.push(stream(false, "\nend\n"));
+        assert_eq!(c.finish(None).output, vec!["start\n100%\nend\n"]);
+    }
+
+    #[test]
+    fn a_long_batch_of_redraws_counts_as_its_last_state() {
+        let mut c = Collector::new(100);
+        let bar: String = (0..=1000).map(|i| format!("{i}%\r")).collect();
+        c.push(stream(false, "start\n"));
+        c.push(stream(false, &bar));
+        c.push(stream(false, "\n"));
+        assert!(!c.overflowed());
+        assert_eq!(c.finish(None).output, vec!["start\n1000%\n"]);
     }
 
     #[test]
