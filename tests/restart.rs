@@ -133,6 +133,13 @@ async fn restarts_remove_pooled_and_expired_sessions() {
         serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
     r["last_used"] = json!(1);
     std::fs::write(&record, serde_json::to_vec(&r).unwrap()).unwrap();
+    // Calls mark a session used by touching its record: back-date that too.
+    std::fs::File::options()
+        .write(true)
+        .open(&record)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1))
+        .unwrap();
     s.http = Some(child);
     let s = s
         .restart(

@@ -271,12 +271,12 @@ impl Registry {
         report.traceback = cell.traceback;
         if let (Some(record), Some(code)) = (&mut state.record, recorded) {
             // Only cells that completed are replayed after a restart.
-            if report.success {
-                record.push_cell(&code);
-            }
-            record.last_used = super::store::unix_now();
-            let record = record.clone();
-            self.save_record(&record).await;
+            let write = if report.success {
+                record.push_cell(&code)
+            } else {
+                None
+            };
+            self.record_call(&session.id, record, write, code).await;
         }
         Ok(report)
     }

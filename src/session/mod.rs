@@ -211,6 +211,38 @@ impl Registry {
         }
     }
 
+    /// After a call: the cell appended to the log when it completed (or the
+    /// record rewritten when the history was just cut), and the session
+    /// marked used. Two small writes, whatever the session's length.
+    async fn record_call(
+        &self,
+        id: &SessionId,
+        record: &store::Record,
+        write: Option<bool>,
+        code: String,
+    ) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let id = id.clone();
+        let cut = (write == Some(false)).then(|| record.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            match (write, cut) {
+                (Some(true), _) => store.append_cell(&id, &code)?,
+                (Some(false), Some(record)) => {
+                    store.save(&record)?;
+                    store.drop_cells(&id);
+                }
+                _ => {}
+            }
+            store.touch(&id)
+        })
+        .await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!("cannot update a session record: {e}");
+        }
+    }
+
     fn remove_record(&self, id: &SessionId) {
         if let Some(store) = &self.store {
             store.remove(id);

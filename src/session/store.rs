@@ -1,20 +1,25 @@
 //! Session records on disk, so sessions outlive the server.
 //!
-//! One small JSON file per session in `DATA_DIR/.records/` (mode 0700, the
-//! server's; kernels cannot write it: their Landlock rules and uids allow
-//! only their own session folder). A record holds the id, the owning
-//! principal's name, when the session was created and last used, whether it
-//! is still a pooled session-to-be, and the code of the cells that
-//! completed successfully (bounded), which a restarted server replays.
+//! Two files per session in `DATA_DIR/.records/` (mode 0700, the server's;
+//! kernels cannot write it: their Landlock rules and uids allow only their
+//! own session folder):
+//! - `ID.json`, the record: id, the owning principal's name, when the session
+//!   was created, whether it is still a pooled session-to-be, and whether its
+//!   history was cut (too long to replay). Written atomically (a temporary
+//!   file, then `rename`), so a crash leaves the old record or the new one.
+//!   Its modification time is the session's last use: every call touches it,
+//!   which costs no rewrite.
+//! - `ID.cells`, the code of the cells that completed, one JSON string per
+//!   line, appended after each such call (bounded). A crash can leave at most
+//!   a partial last line, which loading ignores.
 //!
-//! Records are written atomically (a temporary file in the same folder, then
-//! `rename`), so a crash leaves the old record or the new one, never half of
-//! one. They are not `fsync`ed on every call: a process crash loses nothing
-//! (the data is in the page cache), and a power loss costs at most the last
-//! calls' cells (see ARCHITECTURE.md). A file that does not parse, has
-//! another version, or whose id is not a valid session id is skipped with a
-//! warning; the id is the only part of a record ever used in a path, and
-//! only after the same validation a client-supplied id gets.
+//! So a call costs an append and a touch, whatever the session's length.
+//! Nothing is `fsync`ed per call: a process crash loses nothing (the data is
+//! in the page cache); a power loss costs at most the last calls. Everything
+//! is synced at shutdown. A record that does not parse, has another version,
+//! or whose id is not a valid session id is skipped with a warning; the id
+//! is the only part of a record ever used in a path, and only after the same
+//! validation a client-supplied id gets.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,11 +44,18 @@ pub struct Record {
     pub owner: String,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// Last use as written; the record file's modification time, touched
+    /// by every call, is later when the session was used since.
     pub last_used: u64,
     /// A pooled session nobody has taken yet: removed at start-up.
     pub pooled: bool,
-    /// Code of the cells that completed successfully, in order.
+    /// Code of the cells that completed successfully, in order (kept in
+    /// `ID.cells`, not in the record file).
+    #[serde(skip)]
     pub cells: Vec<String>,
+    /// Bytes of code in `cells`.
+    #[serde(skip)]
+    pub cells_bytes: usize,
     /// Cells were dropped (over the bounds): replay is impossible.
     pub cells_truncated: bool,
 }
@@ -72,23 +84,28 @@ impl Record {
             last_used: now,
             pooled,
             cells: Vec::new(),
+            cells_bytes: 0,
             cells_truncated: false,
         }
     }
 
-    /// Appends a successful cell, or marks the history truncated when it
-    /// would pass the bounds.
-    pub fn push_cell(&mut self, code: &str) {
+    /// Adds a successful cell. Returns what to write: `Some(true)` to append
+    /// it to the log, `Some(false)` when the history has just passed its
+    /// bounds (the record must be rewritten, the log dropped), `None` when
+    /// there is nothing to write (already cut).
+    pub fn push_cell(&mut self, code: &str) -> Option<bool> {
         if self.cells_truncated {
-            return;
+            return None;
         }
-        let bytes: usize = self.cells.iter().map(String::len).sum::<usize>() + code.len();
-        if self.cells.len() >= MAX_CELLS || bytes > MAX_CELL_BYTES {
+        if self.cells.len() >= MAX_CELLS || self.cells_bytes + code.len() > MAX_CELL_BYTES {
             self.cells.clear();
+            self.cells_bytes = 0;
             self.cells_truncated = true;
-        } else {
-            self.cells.push(code.to_string());
+            return Some(false);
         }
+        self.cells_bytes += code.len();
+        self.cells.push(code.to_string());
+        Some(true)
     }
 
     /// How long ago the session was last used.
@@ -125,6 +142,41 @@ impl Store {
 
     fn path_of(&self, id: &SessionId) -> PathBuf {
         self.dir.join(format!("{id}.json"))
+    }
+
+    fn cells_of(&self, id: &SessionId) -> PathBuf {
+        self.dir.join(format!("{id}.cells"))
+    }
+
+    /// Appends one completed cell to the session's log (blocking).
+    pub fn append_cell(&self, id: &SessionId, code: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut line = serde_json::to_string(code).map_err(std::io::Error::other)?;
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(self.cells_of(id))?;
+        // One write: a crash leaves the line whole or cut short, never mixed.
+        f.write_all(line.as_bytes())
+    }
+
+    /// Drops the session's cell log (its history was cut).
+    pub fn drop_cells(&self, id: &SessionId) {
+        let _ = std::fs::remove_file(self.cells_of(id));
+    }
+
+    /// Marks the session used now (the record's modification time).
+    pub fn touch(&self, id: &SessionId) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(self.path_of(id))?;
+        f.set_modified(std::time::SystemTime::now())
     }
 
     /// Writes `record` atomically (blocking; call from `spawn_blocking`).
@@ -169,6 +221,7 @@ impl Store {
 
     pub fn remove(&self, id: &SessionId) {
         let _ = std::fs::remove_file(self.path_of(id));
+        let _ = std::fs::remove_file(self.cells_of(id));
     }
 
     /// Every valid record; invalid ones are skipped with a warning and left
@@ -208,7 +261,7 @@ fn load(path: &Path, stem: &str) -> Result<Loaded, String> {
         return Err("too large".into());
     }
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let record: Record = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    let mut record: Record = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
     if record.version != VERSION {
         return Err(format!("unknown version {}", record.version));
     }
@@ -219,7 +272,44 @@ fn load(path: &Path, stem: &str) -> Result<Loaded, String> {
     if (record.owner.is_empty() && !record.pooled) || record.owner.len() > 256 {
         return Err("invalid owner".into());
     }
+    // The last use: as written, or later if a call touched the record since.
+    if let Some(touched) = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+    {
+        record.last_used = record.last_used.max(touched.as_secs());
+    }
+    if !record.cells_truncated {
+        load_cells(&path.with_extension("cells"), &mut record);
+    }
     Ok(Loaded { id, record })
+}
+
+/// Reads a cell log into `record`: one JSON string per line; a line that
+/// does not parse (a write cut short by a crash) ends it. Past the bounds,
+/// the history counts as cut.
+fn load_cells(path: &Path, record: &mut Record) {
+    use std::io::BufRead;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if !meta.is_file() || meta.len() > (MAX_CELL_BYTES as u64) * 2 + (MAX_CELLS as u64) * 16 {
+        record.cells_truncated = true;
+        return;
+    }
+    let Ok(f) = std::fs::File::open(path) else {
+        return;
+    };
+    for line in std::io::BufReader::new(f).lines() {
+        let Ok(line) = line else { break };
+        let Ok(code) = serde_json::from_str::<String>(&line) else {
+            break;
+        };
+        if record.push_cell(&code) == Some(false) {
+            break;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -232,9 +322,22 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let id = SessionId::generate();
         let mut r = Record::new(&id, "alice", false);
-        r.push_cell("x = 1");
         store.save(&r).unwrap();
+        for code in ["x = 1", "y = 'two\nlines'"] {
+            assert_eq!(r.push_cell(code), Some(true));
+            store.append_cell(&id, code).unwrap();
+        }
+        store.touch(&id).unwrap();
         let recs = dir.path().join(".records");
+        // A line cut short by a crash ends the log.
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(recs.join(format!("{id}.cells")))
+                .unwrap();
+            f.write_all(b"\"unfinished").unwrap();
+        }
         std::fs::write(recs.join("garbage.json"), "{not json").unwrap();
         let evil = Record {
             id: "../../etc".into(),
@@ -259,11 +362,14 @@ mod tests {
         let loaded = store.load_all();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].id, id);
-        assert_eq!(loaded[0].record, r);
+        assert_eq!(loaded[0].record.cells, r.cells);
+        assert_eq!(loaded[0].record.owner, "alice");
+        assert!(loaded[0].record.last_used >= r.last_used);
         assert!(!recs.join(".x.tmp").exists());
         assert!(recs.join("garbage.json").exists(), "nothing deleted");
         store.remove(&id);
         assert!(store.load_all().is_empty());
+        assert!(!recs.join(format!("{id}.cells")).exists());
     }
 
     #[test]
@@ -271,12 +377,12 @@ mod tests {
         let id = SessionId::generate();
         let mut r = Record::new(&id, "local", false);
         for _ in 0..MAX_CELLS {
-            r.push_cell("1");
+            assert_eq!(r.push_cell("1"), Some(true));
         }
         assert_eq!(r.cells.len(), MAX_CELLS);
-        r.push_cell("2");
+        assert_eq!(r.push_cell("2"), Some(false));
         assert!(r.cells_truncated && r.cells.is_empty());
-        r.push_cell("3");
+        assert_eq!(r.push_cell("3"), None);
         assert!(r.cells.is_empty());
     }
 }
