@@ -11,6 +11,21 @@ use common::{Server, Transport, kernel_pid, start, start_with_token};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
+/// Session folders in the data folder (not `.records`).
+fn folders(data: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(data)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
+fn is_expired(v: &serde_json::Value) -> bool {
+    v["error"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("SessionExpiredError"))
+}
+
 fn output(v: &serde_json::Value) -> String {
     v["output"]
         .as_array()
@@ -106,18 +121,16 @@ async fn restarts_remove_pooled_and_expired_sessions() {
     let (kept, _) = s.new_session("a = 1; open('f.txt','w').write('f')").await;
     let (expired, _) = s.new_session("b = 2").await;
     // Wait (bounded) for the pool to be full again: 2 sessions + 2 pooled folders.
-    let folders = |s: &Server| -> Vec<String> {
-        std::fs::read_dir(s.data_dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| !n.starts_with('.'))
-            .collect()
-    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while folders(&s).len() < 4 && tokio::time::Instant::now() < deadline {
+    while folders(s.data_dir.path()).len() < 4 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(folders(&s).len(), 4, "{:?}", folders(&s));
+    assert_eq!(
+        folders(s.data_dir.path()).len(),
+        4,
+        "{:?}",
+        folders(s.data_dir.path())
+    );
     // The server is killed; meanwhile `expired` passes its idle timeout
     // (its record says it was last used long ago).
     let record = s
@@ -149,18 +162,12 @@ async fn restarts_remove_pooled_and_expired_sessions() {
         )
         .await;
     assert_eq!(
-        folders(&s),
+        folders(s.data_dir.path()),
         vec![kept.clone()],
         "pooled or expired folders left"
     );
     let v = s.exec(&expired, "b").await;
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .starts_with("SessionExpiredError"),
-        "{v}"
-    );
+    assert!(is_expired(&v), "{v}");
     let v = s.exec(&kept, "open('f.txt').read()").await;
     assert_eq!(v["result"], "'f'", "{v}");
     assert!(output(&v).contains("files only"), "{v}");
@@ -241,13 +248,7 @@ async fn tampered_records_are_ignored_and_owners_kept() {
     )
     .await;
     let v = r.structured_content.unwrap();
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .starts_with("SessionExpiredError"),
-        "{v}"
-    );
+    assert!(is_expired(&v), "{v}");
     let _ = bob.cancel().await;
     s.stop().await;
 }
@@ -263,23 +264,13 @@ async fn ephemeral_servers_delete_sessions_at_shutdown() {
     let s = s
         .restart(Signal::SIGTERM, &["--ephemeral", "--pool-size", "0"], None)
         .await;
-    let left: Vec<String> = std::fs::read_dir(&data)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
+    let left = folders(&data);
     assert!(left.is_empty(), "{left:?}");
     assert!(
         !data.join(".records").exists(),
         "records kept by an ephemeral server"
     );
     let v = s.exec(&id, "1").await;
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .starts_with("SessionExpiredError"),
-        "{v}"
-    );
+    assert!(is_expired(&v), "{v}");
     s.stop().await;
 }

@@ -195,16 +195,20 @@ pub fn exec_wrapped(args: Vec<OsString>) -> SandboxError {
     let Some((program, rest)) = args.split_first() else {
         return SandboxError::Spec("no program to run".into());
     };
-    use std::os::unix::process::CommandExt;
-    if stage2 {
-        if let Err(e) = confine(&spec) {
+    // The unprivileged part, then the kernel itself.
+    let confine_and_exec = |spec: &SandboxSpec| {
+        use std::os::unix::process::CommandExt;
+        if let Err(e) = confine(spec) {
             return e;
         }
         let err = std::process::Command::new(program)
             .args(rest)
             .env_remove(SPEC_ENV)
             .exec();
-        return SandboxError::Exec(program.clone(), err);
+        SandboxError::Exec(program.clone(), err)
+    };
+    if stage2 {
+        return confine_and_exec(&spec);
     }
     let pid1 = std::process::id() == 1;
     let spec = match isolate(spec, pid1) {
@@ -224,14 +228,7 @@ pub fn exec_wrapped(args: Vec<OsString>) -> SandboxError {
             .env(SPEC_ENV, json);
         return init::run(cmd);
     }
-    if let Err(e) = confine(&spec) {
-        return e;
-    }
-    let err = std::process::Command::new(program)
-        .args(rest)
-        .env_remove(SPEC_ENV)
-        .exec();
-    SandboxError::Exec(program.clone(), err)
+    confine_and_exec(&spec)
 }
 
 /// The privileged part: cgroups, limits, namespaces and mounts. Returns the
