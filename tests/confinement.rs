@@ -141,10 +141,11 @@ async fn cells_cannot_signal_or_read_outside_their_session() {
 }
 
 /// The same attacks where the server may not create namespaces (a default
-/// container): uids, Landlock scopes and permissions must hold alone; and
-/// plotly's export (kaleido's Chromium) still works, with no private /tmp.
+/// container): uids, Landlock scopes and permissions must hold alone; a
+/// cell's leftovers die with its session; and plotly's export, which needs
+/// a /tmp the kernel cannot have here, fails at once with a clear error.
 #[tokio::test(flavor = "multi_thread")]
-async fn without_namespaces_the_other_layers_hold_and_plotly_works() {
+async fn without_namespaces_the_other_layers_hold_and_plotly_fails_clearly() {
     let (_dir, tokens) = tokens_file();
     let s =
         start_boxed_without_namespaces(Transport::Http, &["--tokens-file", &tokens], Some(TOKEN))
@@ -185,6 +186,8 @@ async fn without_namespaces_the_other_layers_hold_and_plotly_works() {
         );
     }
 
+    // No private /tmp here: plotly's export (kaleido's Chromium insists on
+    // /tmp) fails at once with an error that says why, never hangs.
     let (id, _) = s.new_session("import plotly.express as px").await;
     let r = tokio::time::timeout(
         Duration::from_secs(120),
@@ -197,13 +200,19 @@ async fn without_namespaces_the_other_layers_hold_and_plotly_works() {
     .await
     .expect("plotly hung");
     let v = r.structured_content.unwrap();
-    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["success"], false, "{v}");
+    let e = v["error"].as_str().unwrap_or("");
     assert!(
-        v["files"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|f| f["mime_type"] == "image/png"),
+        e.contains("writable /tmp") && e.contains("write_html"),
+        "{v}"
+    );
+    // /tmp stays closed to the kernel.
+    let v = s.exec(&id, "open('/tmp/x', 'w')").await;
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("PermissionError"),
         "{v}"
     );
     s.stop().await;

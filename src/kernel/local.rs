@@ -152,7 +152,6 @@ impl LocalKernelFactory {
                     read_write: [workdir.to_path_buf(), own.clone()]
                         .into_iter()
                         .chain(SYSTEM_WRITE.iter().map(PathBuf::from))
-                        .chain(s.shared_tmp.then(|| PathBuf::from("/tmp")))
                         .collect(),
                     landlock: s.landlock,
                     network: s.network.clone(),

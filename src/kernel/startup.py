@@ -228,6 +228,24 @@ def _guard_kaleido():
         original = base.BaseScope._ensure_kaleido
 
         def ensure(self):
+            # kaleido's Chromium writes its page to /tmp whatever TMPDIR says.
+            # Where the sandbox could not give this kernel a private /tmp, it
+            # is closed: say so now instead of letting Chromium fail slowly.
+            if getattr(self, "_proc", None) is None:
+                import os
+                import tempfile
+
+                try:
+                    fd, probe = tempfile.mkstemp(prefix=".kaleido-", dir="/tmp")
+                    os.close(fd)
+                    os.unlink(probe)
+                except OSError:
+                    raise RuntimeError(
+                        "plotly's image export (kaleido) needs a writable /tmp, which this "
+                        "kernel does not have: the server cannot give kernels a private /tmp "
+                        "here (it needs CAP_SYS_ADMIN, e.g. --cap-add SYS_ADMIN in a "
+                        "container). Save the figure as HTML instead: fig.write_html('fig.html')"
+                    ) from None
             done = threading.Event()
 
             def watchdog():

@@ -35,10 +35,6 @@ pub struct SandboxSettings {
     pub mount_ns: bool,
     /// Each kernel gets a PID namespace of its own.
     pub pid_ns: bool,
-    /// No private /tmp is possible, but kernels have uids of their own:
-    /// they may write the host's /tmp (sticky, and their umask is 077), so
-    /// programs that insist on /tmp (kaleido's Chromium) work.
-    pub shared_tmp: bool,
     /// Folders hidden from kernels (see [`super::SandboxSpec::masks`]).
     pub masks: Vec<PathBuf>,
     /// uids for kernels, when the server is root.
@@ -163,7 +159,6 @@ pub fn plan(input: PlanInput<'_>) -> Result<Option<SandboxSettings>, PlanError> 
         cgroups: input.cgroups,
         mount_ns: caps.mount_ns,
         pid_ns: caps.pid_ns && caps.mount_ns,
-        shared_tmp: root && !caps.mount_ns,
         masks,
         users,
         host_mounts,
@@ -265,17 +260,14 @@ fn log_layers(caps: &Capabilities, input: &PlanInput<'_>, root: bool, masks: &[P
             }
         ),
     }
-    match (caps.mount_ns, root) {
-        (true, _) => tracing::info!("kernel /tmp: private /tmp and /dev/shm per kernel"),
-        (false, true) => tracing::warn!(
-            "kernel /tmp: no mount namespaces here, so kernels share the host's /tmp and /dev/shm \
-             (each with its own uid and umask 077, so they cannot read each other's files there)"
-        ),
-        (false, false) => tracing::warn!(
-            "kernel /tmp: no mount namespaces here; /tmp stays unwritable to kernels (TMPDIR \
-             points to a private folder), and programs that insist on /tmp fail (plotly's \
-             kaleido export fails with a clear error)"
-        ),
+    if caps.mount_ns {
+        tracing::info!("kernel /tmp: private /tmp and /dev/shm per kernel");
+    } else {
+        tracing::warn!(
+            "kernel /tmp: no mount namespaces here (the server lacks CAP_SYS_ADMIN), so no \
+             private /tmp: /tmp stays closed to kernels (TMPDIR points to a private folder), and \
+             programs that insist on /tmp fail: plotly's image export says so at once"
+        );
     }
     match &input.network {
         NetworkPolicy::Web { ports } if caps.landlock_net => {
