@@ -9,7 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, Transport, kernel_pid, start, start_boxed, start_boxed_without_namespaces};
+use common::{
+    Server, Transport, kernel_pid, start, start_boxed, start_boxed_rootless,
+    start_boxed_without_namespaces,
+};
 use serde_json::json;
 
 const TOKEN: &str = "confinement-token-0123456789";
@@ -280,4 +283,69 @@ async fn web_network_lets_pip_out_and_nothing_else() {
     assert!(text(&v).contains("six-1.16.0"), "{v}");
     s.stop().await;
     drop(listener);
+}
+
+/// A server that is not root (a desktop user's): kernels run as its user,
+/// so Landlock keeps them from it; a user namespace still gives each kernel
+/// a private /tmp, so plotly's export works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rootless_server_confines_its_kernels_and_plotly_works() {
+    if !is_root() {
+        return; // needs root to become another user for the test
+    }
+    let s = start_boxed_rootless(Transport::Stdio, &[]).await;
+    let server = server_pid(&s);
+    let (id, v) = s.new_session("import os; os.getuid()").await;
+    assert_eq!(text(&v), common::ROOTLESS_UID.to_string(), "{v}");
+    let v = s
+        .exec(
+            &id,
+            &format!(
+                "def attempt(pid):
+    try:
+        os.kill(pid, 0)
+        return 'sent'
+    except ProcessLookupError:
+        return 'no such process'
+    except PermissionError:
+        return 'refused'
+[attempt({server}), attempt(1)]"
+            ),
+        )
+        .await;
+    assert_eq!(v["result"], "['refused', 'refused']", "{v}");
+    // The server's own data (its records) stays out of reach.
+    let records = s.data_dir.path().join(".records");
+    let v = s
+        .exec(
+            &id,
+            &format!("os.listdir({:?})", records.display().to_string()),
+        )
+        .await;
+    let e = v["error"].as_str().unwrap_or("");
+    assert!(
+        e.starts_with("PermissionError") || e.starts_with("FileNotFoundError"),
+        "{v}"
+    );
+    let r = tokio::time::timeout(
+        Duration::from_secs(120),
+        s.call(
+            "execute_code",
+            json!({"session_id": id, "timeout": 60,
+                   "code": "import plotly.express as px\npx.bar(x=['a','b'], y=[1,3]).show()"}),
+        ),
+    )
+    .await
+    .expect("plotly hung");
+    let v = r.structured_content.unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    assert!(
+        v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["mime_type"] == "image/png"),
+        "{v}"
+    );
+    s.stop().await;
 }

@@ -17,7 +17,9 @@
 //!   private folders (such as `/root`) replaced by empty ones into which
 //!   only what the kernel needs is bound back; host folders shared with
 //!   `--mount` bound at `/mnt/NAME` ([`host_folders`]), read-only unless
-//!   asked otherwise.
+//!   asked otherwise. Without root, the wrapper first enters an unprivileged
+//!   user namespace of its own (same uid), where the host allows, for the
+//!   private `/tmp` (and network namespace).
 //! - **No privilege** ([`users`]): a root server's kernels run as an
 //!   unprivileged uid of their own (one per live session), with no
 //!   supplementary groups.
@@ -247,6 +249,17 @@ fn isolate(mut spec: SandboxSpec, pid1: bool) -> Result<SandboxSpec, SandboxErro
     if let Some(b) = spec.data_bytes {
         setrlimit(Resource::RLIMIT_DATA, b, b)
             .map_err(|e| SandboxError::Rlimit("RLIMIT_DATA", e))?;
+    }
+    // Without root, a user namespace of our own (same uid inside) gives the
+    // privilege to make the namespaces below, and nothing outside them.
+    let wants_ns = spec.network == NetworkPolicy::None || spec.private_tmp.is_some();
+    if wants_ns
+        && !nix::unistd::Uid::effective().is_root()
+        && let Err(e) = mounts::own_user_namespace()
+    {
+        eprintln_quiet(&format!(
+            "mcp-python-interpreter kernel sandbox: no user namespace ({e})"
+        ));
     }
     if spec.network == NetworkPolicy::None {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(SandboxError::Network)?;

@@ -33,6 +33,19 @@ pub(super) struct View {
     pub tmp: bool,
 }
 
+/// Enters a new user namespace in which we keep our uid and gid (mapped to
+/// themselves) and hold, until we `exec`, the capabilities to make mount
+/// and network namespaces: how a server that is not root still gives its
+/// kernels a private `/tmp`. Needs a single-threaded process (the wrapper
+/// is one) and a Linux that allows unprivileged user namespaces.
+pub(super) fn own_user_namespace() -> std::io::Result<()> {
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).map_err(io)?;
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))
+}
+
 fn io(e: nix::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }

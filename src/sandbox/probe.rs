@@ -26,7 +26,8 @@ pub struct Capabilities {
     pub landlock_net: bool,
     /// Signal and abstract-socket scopes (ABI 6).
     pub landlock_scopes: bool,
-    /// A private mount namespace (private /tmp, /proc, masks).
+    /// A private mount namespace (private /tmp, /proc, masks); without
+    /// root, inside an unprivileged user namespace.
     pub mount_ns: bool,
     /// A PID namespace per kernel.
     pub pid_ns: bool,
@@ -67,7 +68,12 @@ pub fn run(exe: &std::path::Path, uid: Option<u32>) -> Capabilities {
 /// itself, prints the result, and the process then exits.
 pub fn probe_main(uid: Option<u32>) {
     use nix::sched::{CloneFlags, unshare};
-    let mount_ns = unshare(CloneFlags::CLONE_NEWNS).is_ok()
+    // First, in our own namespaces: can the server start kernels in PID
+    // namespaces? (Then, without root, the way the wrapper would go.)
+    let pid_ns = unshare(CloneFlags::CLONE_NEWPID).is_ok();
+    let root = nix::unistd::Uid::effective().is_root();
+    let mount_ns = (root || super::mounts::own_user_namespace().is_ok())
+        && unshare(CloneFlags::CLONE_NEWNS).is_ok()
         && nix::mount::mount(
             None::<&str>,
             "/",
@@ -76,7 +82,6 @@ pub fn probe_main(uid: Option<u32>) {
             None::<&str>,
         )
         .is_ok();
-    let pid_ns = unshare(CloneFlags::CLONE_NEWPID).is_ok();
     let setuid = uid
         .is_some_and(|u| super::users::become_user(super::KernelUser { uid: u, gid: u }).is_ok());
     let families = super::rules::probe_families();

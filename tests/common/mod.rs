@@ -85,6 +85,18 @@ enum Boxing {
     None,
     Boxed,
     NoNamespaces,
+    /// Boxed, and the server runs as `nobody` (65534), as a desktop user's
+    /// server does: no root, so no kernel uids or masks.
+    Rootless,
+}
+
+/// The uid a rootless boxed server runs as.
+pub const ROOTLESS_UID: u32 = 65534;
+
+/// Like [`start_boxed`], but the server runs as an ordinary user (`nobody`),
+/// with the kernel environment and the checkout made reachable for it.
+pub async fn start_boxed_rootless(transport: Transport, extra: &[&str]) -> Server {
+    start_inner(transport, extra, None, Boxing::Rootless, &[]).await
 }
 
 /// The provisioned kernel interpreter (as `--provision-only` reports it).
@@ -165,11 +177,11 @@ fn server_command(
             cmd.args(["--cap-drop", "CAP_SYS_ADMIN"]);
         }
         cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
-        if boxing == Boxing::NoNamespaces {
+        if matches!(boxing, Boxing::NoNamespaces | Boxing::Rootless) {
             cmd.args(["--perms", "1777"]);
         }
         cmd.args(["--tmpfs", "/tmp"]);
-        if boxing == Boxing::NoNamespaces {
+        if matches!(boxing, Boxing::NoNamespaces | Boxing::Rootless) {
             let python = std::path::PathBuf::from(kernel_python());
             let out = std::process::Command::new(&python)
                 .args(["-c", "import sys; print(sys.base_prefix)"])
@@ -181,7 +193,11 @@ fn server_command(
                 .and_then(|b| b.parent())
                 .unwrap()
                 .to_path_buf();
-            cmd.args(reachable(&[base.into(), env]));
+            let mut paths = vec![base.into(), env];
+            if boxing == Boxing::Rootless {
+                paths.push(env!("CARGO_MANIFEST_DIR").into());
+            }
+            cmd.args(reachable(&paths));
         }
         // The checkout (the binary, files tests write under target/) and the
         // provisioned kernel environment may themselves live under /tmp: bind
@@ -195,7 +211,21 @@ fn server_command(
         for w in writable {
             cmd.arg("--bind").arg(w).arg(w);
         }
-        cmd.args(["--die-with-parent", "--"]).arg(BIN);
+        cmd.args(["--die-with-parent", "--"]);
+        if boxing == Boxing::Rootless {
+            let id = ROOTLESS_UID.to_string();
+            std::os::unix::fs::chown(data_dir, Some(ROOTLESS_UID), Some(ROOTLESS_UID)).unwrap();
+            cmd.args([
+                "setpriv",
+                "--reuid",
+                &id,
+                "--regid",
+                &id,
+                "--clear-groups",
+                "--",
+            ]);
+        }
+        cmd.arg(BIN);
         cmd
     } else {
         Command::new(BIN)
