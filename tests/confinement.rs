@@ -112,6 +112,22 @@ async fn attack(s: &Server, tokens: &str) {
     }
 }
 
+/// `fig.show()` of a plotly figure (kaleido's PNG export); a hang fails the
+/// test instead of reaching the call's limit unnoticed.
+async fn plotly_export(s: &Server, id: &str) -> serde_json::Value {
+    let r = tokio::time::timeout(
+        Duration::from_secs(120),
+        s.call(
+            "execute_code",
+            json!({"session_id": id, "timeout": 60,
+                   "code": "import plotly.express as px\npx.bar(x=['a','b'], y=[1,3]).show()"}),
+        ),
+    )
+    .await
+    .expect("plotly hung");
+    r.structured_content.unwrap()
+}
+
 fn tokens_file() -> (tempfile::TempDir, String) {
     use std::os::unix::fs::PermissionsExt;
     // Not under /tmp, which the boxed server does not see.
@@ -191,18 +207,8 @@ async fn without_namespaces_the_other_layers_hold_and_plotly_fails_clearly() {
 
     // No private /tmp here: plotly's export (kaleido's Chromium insists on
     // /tmp) fails at once with an error that says why, never hangs.
-    let (id, _) = s.new_session("import plotly.express as px").await;
-    let r = tokio::time::timeout(
-        Duration::from_secs(120),
-        s.call(
-            "execute_code",
-            json!({"session_id": id, "timeout": 60,
-                   "code": "px.bar(x=['a','b'], y=[1,3]).show()"}),
-        ),
-    )
-    .await
-    .expect("plotly hung");
-    let v = r.structured_content.unwrap();
+    let (id, _) = s.new_session("1").await;
+    let v = plotly_export(&s, &id).await;
     assert_eq!(v["success"], false, "{v}");
     let e = v["error"].as_str().unwrap_or("");
     assert!(
@@ -327,17 +333,7 @@ async fn a_rootless_server_confines_its_kernels_and_plotly_works() {
         e.starts_with("PermissionError") || e.starts_with("FileNotFoundError"),
         "{v}"
     );
-    let r = tokio::time::timeout(
-        Duration::from_secs(120),
-        s.call(
-            "execute_code",
-            json!({"session_id": id, "timeout": 60,
-                   "code": "import plotly.express as px\npx.bar(x=['a','b'], y=[1,3]).show()"}),
-        ),
-    )
-    .await
-    .expect("plotly hung");
-    let v = r.structured_content.unwrap();
+    let v = plotly_export(&s, &id).await;
     assert_eq!(v["success"], true, "{v}");
     assert!(
         v["files"]

@@ -719,19 +719,7 @@ async fn huge_output_is_bounded_and_saved() {
     assert!(joined.starts_with("line 0\n"));
     assert!(joined.contains("line 199999\n"));
     assert!(joined.contains("omitted"));
-    let f = v["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["name"].as_str().unwrap().starts_with("output_"))
-        .expect("full output file listed");
-    let full = std::fs::read_to_string(
-        s.data_dir
-            .path()
-            .join(&id)
-            .join(f["name"].as_str().unwrap()),
-    )
-    .unwrap();
+    let (f, full) = spilled_output(&s, &id, &v);
     assert_eq!(full.lines().count(), 200_000);
     // Reported with its final size: the file was complete before the folder
     // was looked at (no "File updated" for it on the next call).
@@ -742,6 +730,22 @@ async fn huge_output_is_bounded_and_saved() {
         .await;
     assert_eq!(v["output"], json!(["100%\n"]));
     s.stop().await;
+}
+
+/// The `output_N.txt` a call listed in `files` (the full text of a long
+/// output), and its content.
+fn spilled_output(s: &Server, id: &str, v: &serde_json::Value) -> (serde_json::Value, String) {
+    let f = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"].as_str().unwrap().starts_with("output_"))
+        .expect("full output file listed")
+        .clone();
+    let full =
+        std::fs::read_to_string(s.data_dir.path().join(id).join(f["name"].as_str().unwrap()))
+            .unwrap();
+    (f, full)
 }
 
 /// A cell that flushes every line (progress loops, training logs) gets its
@@ -766,19 +770,7 @@ async fn flushed_line_flood_arrives_whole_and_in_order() {
     assert!(joined.len() < 4000, "{} bytes returned", joined.len());
     assert!(joined.starts_with("line 0\nline 1\n"), "{joined}");
     assert!(joined.ends_with("\nline 99998\nline 99999\n"), "{joined}");
-    let f = v["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["name"].as_str().unwrap().starts_with("output_"))
-        .expect("full output file listed");
-    let full = std::fs::read_to_string(
-        s.data_dir
-            .path()
-            .join(&id)
-            .join(f["name"].as_str().unwrap()),
-    )
-    .unwrap();
+    let (_, full) = spilled_output(&s, &id, &v);
     let expected: String = (0..100_000).map(|i| format!("line {i}\n")).collect();
     assert!(
         full == expected,

@@ -84,6 +84,17 @@ impl Launched {
             .map(Result::unwrap)
     }
 
+    /// The server exits 0 within the orderly bound (else `after` says what
+    /// it outlived) and has shut down in order.
+    async fn assert_exits_in_order(&mut self, after: &str) {
+        let status = self
+            .exit_within(ORDERLY)
+            .await
+            .unwrap_or_else(|| panic!("server still running after {after}"));
+        assert_eq!(status.code(), Some(0), "{status}");
+        self.assert_shut_down_in_order().await;
+    }
+
     /// Everything the orderly shutdown promises: pooled sessions-to-be are
     /// gone, every session folder kept has its record (sessions survive
     /// restarts), and every process that belonged to the server is gone.
@@ -228,12 +239,7 @@ async fn sigterm_after_the_launcher_closed_stderr() {
     start_a_session(&url).await;
     drop(lines);
     server.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = server
-        .exit_within(ORDERLY)
-        .await
-        .expect("server still running after SIGTERM");
-    assert_eq!(status.code(), Some(0), "{status}");
-    server.assert_shut_down_in_order().await;
+    server.assert_exits_in_order("SIGTERM").await;
 }
 
 /// A desktop client quitting: stdin, stdout and stderr closed at once. The
@@ -282,12 +288,7 @@ async fn stdio_client_closing_all_three_pipes() {
         data_dir,
         tmp_dir,
     };
-    let status = server
-        .exit_within(ORDERLY)
-        .await
-        .expect("server still running after its client went away");
-    assert_eq!(status.code(), Some(0), "{status}");
-    server.assert_shut_down_in_order().await;
+    server.assert_exits_in_order("its client went away").await;
 }
 
 /// A stdio client that goes away before it has initialized: an ordinary
@@ -310,12 +311,7 @@ async fn stdio_client_gone_before_initializing() {
         data_dir,
         tmp_dir,
     };
-    let status = server
-        .exit_within(ORDERLY)
-        .await
-        .expect("server still running after its client went away");
-    assert_eq!(status.code(), Some(0), "{status}");
-    server.assert_shut_down_in_order().await;
+    server.assert_exits_in_order("its client went away").await;
 }
 
 /// A request that never ends (its body never comes) no longer holds the
@@ -384,12 +380,7 @@ async fn stderr_nobody_reads() {
     );
     let _ = client.cancel().await;
     server.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = server
-        .exit_within(ORDERLY)
-        .await
-        .expect("server still running after SIGTERM");
-    assert_eq!(status.code(), Some(0), "{status}");
-    server.assert_shut_down_in_order().await;
+    server.assert_exits_in_order("SIGTERM").await;
     drop(lines);
 }
 
@@ -426,10 +417,7 @@ async fn http_server_whose_launcher_closes_stdin() {
         data_dir,
         tmp_dir,
     };
-    let status = server
-        .exit_within(ORDERLY)
-        .await
-        .expect("HTTP server still running after its launcher closed stdin");
-    assert_eq!(status.code(), Some(0), "{status}");
-    server.assert_shut_down_in_order().await;
+    server
+        .assert_exits_in_order("its launcher closed stdin")
+        .await;
 }

@@ -196,19 +196,29 @@ impl Registry {
         }
     }
 
-    /// Writes a session's record (blocking I/O off the reactor). A failure
-    /// is logged: the call's result does not depend on it.
-    async fn save_record(&self, record: &store::Record) {
+    /// Runs `f` on the record store off the reactor (the store does blocking
+    /// I/O), if sessions are durable. A failure is logged: no call's result
+    /// depends on its record.
+    async fn with_store<F>(&self, id: &SessionId, f: F)
+    where
+        F: FnOnce(&store::Store) -> std::io::Result<()> + Send + 'static,
+    {
         let Some(store) = self.store.clone() else {
             return;
         };
-        let record = record.clone();
-        let id = record.id.clone();
-        match tokio::task::spawn_blocking(move || store.save(&record)).await {
+        let done = tokio::task::spawn_blocking(move || f(&store)).await;
+        match done {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(session = %id, "cannot save the session record: {e}"),
-            Err(e) => tracing::warn!(session = %id, "cannot save the session record: {e}"),
+            Ok(Err(e)) => tracing::warn!(session = %id, "cannot update the session record: {e}"),
+            Err(e) => tracing::warn!(session = %id, "cannot update the session record: {e}"),
         }
+    }
+
+    async fn save_record(&self, record: store::Record) {
+        let Some(id) = SessionId::parse(&record.id) else {
+            return;
+        };
+        self.with_store(&id, move |store| store.save(&record)).await;
     }
 
     /// After a call: the cell appended to the log when it completed (or the
@@ -221,39 +231,36 @@ impl Registry {
         write: Option<bool>,
         code: String,
     ) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let id = id.clone();
+        let key = id.clone();
         let cut = (write == Some(false)).then(|| record.clone());
-        let done = tokio::task::spawn_blocking(move || {
+        self.with_store(id, move |store| {
             match (write, cut) {
-                (Some(true), _) => store.append_cell(&id, &code)?,
+                (Some(true), _) => store.append_cell(&key, &code)?,
                 (Some(false), Some(record)) => {
                     store.save(&record)?;
-                    store.drop_cells(&id);
+                    store.drop_cells(&key);
                 }
                 _ => {}
             }
-            store.touch(&id)
+            store.touch(&key)
         })
         .await;
-        if let Ok(Err(e)) = done {
-            tracing::warn!("cannot update a session record: {e}");
-        }
     }
 
-    fn remove_record(&self, id: &SessionId) {
-        if let Some(store) = &self.store {
-            store.remove(id);
-        }
+    async fn remove_record(&self, id: &SessionId) {
+        let key = id.clone();
+        self.with_store(id, move |store| {
+            store.remove(&key);
+            Ok(())
+        })
+        .await;
     }
 
     /// Throws a pooled session-to-be away: kernel, folder and record.
     pub(crate) async fn discard(&self, p: Prepared) {
         p.kernel.shutdown().await;
         let _ = p.workspace.remove().await;
-        self.remove_record(&p.id);
+        self.remove_record(&p.id).await;
     }
 
     pub fn settings(&self) -> &SessionSettings {
@@ -292,7 +299,7 @@ impl Registry {
             .is_some()
             .then(|| store::Record::new(&id, &owner.0, false));
         if let Some(r) = &record {
-            self.save_record(r).await;
+            self.save_record(r.clone()).await;
         }
         let session = Arc::new(Session {
             id: id.clone(),
@@ -318,11 +325,11 @@ impl Registry {
     /// takes it, its record says it is pooled (removed after a crash).
     pub(crate) async fn prepare(&self) -> Result<Prepared, SessionError> {
         let id = SessionId::generate();
-        self.save_record(&store::Record::new(&id, "", true)).await;
+        self.save_record(store::Record::new(&id, "", true)).await;
         let workspace = match Workspace::create(self.settings.data_dir.join(id.as_str())).await {
             Ok(w) => w,
             Err(e) => {
-                self.remove_record(&id);
+                self.remove_record(&id).await;
                 return Err(e.into());
             }
         };
@@ -334,7 +341,7 @@ impl Registry {
             }),
             Err(e) => {
                 let _ = workspace.remove().await;
-                self.remove_record(&id);
+                self.remove_record(&id).await;
                 Err(e.into())
             }
         }
@@ -402,7 +409,7 @@ impl Registry {
             return;
         };
         session.close().await;
-        self.remove_record(id);
+        self.remove_record(id).await;
         tracing::info!(session = %id, "session closed");
     }
 
@@ -447,7 +454,7 @@ impl Registry {
                     s.stop_kernel().await;
                 } else {
                     s.close().await;
-                    registry.remove_record(&s.id);
+                    registry.remove_record(&s.id).await;
                 }
             });
         }
