@@ -70,4 +70,6 @@ pub struct Config {
     pub inline_images: crate::session::InlineBudget,
     /// Host folders shared with every kernel (`--mount`).
     pub mounts: Vec<crate::sandbox::MountRequest>,
+    /// Kernels on a Jupyter server instead of local processes.
+    pub gateway: Option<crate::kernel::gateway::GatewaySettings>,
 }

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use mcp_python_interpreter::auth::Tokens;
 use mcp_python_interpreter::config::{Config, TransportKind};
+use mcp_python_interpreter::kernel::gateway::GatewaySettings;
 use mcp_python_interpreter::sandbox::users::UidRange;
 use mcp_python_interpreter::sandbox::{MountRequest, NetworkPolicy};
 use mcp_python_interpreter::session::InlineBudget;
@@ -115,6 +116,30 @@ struct Args {
     /// `FIRST-LAST`, or one uid for all.
     #[arg(long, default_value = "60000-60999", env = "MCP_KERNEL_UIDS", value_parser = UidRange::parse)]
     kernel_uids: UidRange,
+    /// Run kernels on this Jupyter server instead of as local processes:
+    /// Jupyter Server, Jupyter Kernel Gateway or Enterprise Gateway
+    /// (Kubernetes), as http://HOST:PORT[/PREFIX]. Their confinement is then
+    /// the deployment's (see SECURITY.md).
+    #[arg(long, env = "MCP_KERNEL_GATEWAY")]
+    kernel_gateway: Option<String>,
+    /// The gateway's token, sent as `Authorization: token T`.
+    #[arg(long, env = "MCP_GATEWAY_TOKEN", hide_env_values = true)]
+    gateway_token: Option<String>,
+    /// Kernel spec the gateway starts for each session.
+    #[arg(long, default_value = "python3", env = "MCP_GATEWAY_KERNEL")]
+    gateway_kernel: String,
+    /// Folder holding the session folders on the kernels' side, relative to
+    /// the folder kernels start in, or absolute (a persistent volume, say).
+    #[arg(long, default_value = "mcp-sessions", env = "MCP_GATEWAY_FOLDER")]
+    gateway_folder: PathBuf,
+    /// NAME=VALUE sent in each kernel creation's `env` (repeatable):
+    /// Enterprise Gateway reads KERNEL_USERNAME, KERNEL_NAMESPACE, ...
+    #[arg(long = "gateway-env", value_parser = parse_env_pair)]
+    gateway_env: Vec<(String, String)>,
+    /// Longest a remote kernel may take from creation to its first answer,
+    /// in seconds (a pod to schedule, an image to pull).
+    #[arg(long, default_value_t = 120.0, env = "MCP_GATEWAY_START_TIMEOUT")]
+    gateway_start_timeout: f64,
     /// Do not confine kernels (no Landlock, cgroups or rlimits). For debugging only.
     #[arg(long)]
     no_sandbox: bool,
@@ -183,6 +208,14 @@ struct Args {
     log_level: String,
 }
 
+/// `NAME=VALUE` for `--gateway-env`.
+fn parse_env_pair(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got {raw:?}")),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     // Our binary doubles as the kernels' sandbox wrapper (see src/sandbox).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -231,17 +264,25 @@ fn main() -> anyhow::Result<()> {
 
     let home_data = user_data_dir().join("mcp-python-interpreter");
     let envs_dir = args.envs_dir.clone().unwrap_or_else(|| home_data.clone());
-    let python = match &args.python {
-        Some(p) => environment::existing(p)?,
-        None => environment::provision(&envs_dir, &args.base_python)?,
+    // Remote kernels bring their own environment.
+    let python = match (&args.python, &args.kernel_gateway) {
+        (Some(p), _) => Some(environment::existing(p)?),
+        (None, Some(_)) if !args.provision_only => None,
+        (None, _) => Some(environment::provision(&envs_dir, &args.base_python)?),
     };
     if args.provision_only {
-        logging::line(format_args!(
-            "kernel environment: {}",
-            python.python.display()
-        ));
+        if let Some(python) = &python {
+            logging::line(format_args!(
+                "kernel environment: {}",
+                python.python.display()
+            ));
+        }
         return Ok(());
     }
+    anyhow::ensure!(
+        args.gateway_start_timeout.is_finite() && args.gateway_start_timeout > 0.0,
+        "--gateway-start-timeout must be a positive number of seconds"
+    );
     anyhow::ensure!(
         args.execution_timeout.is_finite() && args.execution_timeout > 0.0,
         "--execution-timeout must be a positive number of seconds"
@@ -343,6 +384,15 @@ fn main() -> anyhow::Result<()> {
             max_bytes: usize::try_from(args.inline_image_max_bytes).unwrap_or(usize::MAX),
         },
         mounts: args.mounts.into_iter().map(expand_home).collect(),
+        gateway: args.kernel_gateway.map(|url| GatewaySettings {
+            url,
+            token: args.gateway_token,
+            kernel_name: args.gateway_kernel,
+            env: args.gateway_env,
+            folder: args.gateway_folder,
+            start_timeout: Duration::from_secs_f64(args.gateway_start_timeout),
+            file_timeout: Duration::from_secs(30),
+        }),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -24,8 +24,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TransportKind};
 use crate::environment::KernelPython;
-use crate::kernel::LocalKernelFactory;
 use crate::kernel::local::LocalKernelConfig;
+use crate::kernel::{GatewayKernelFactory, KernelFactory, LocalKernelFactory};
 use crate::mcp::Interpreter;
 use crate::sandbox::plan::{PlanError, PlanInput, SandboxSettings};
 use crate::sandbox::{self, cgroup::CgroupRoot};
@@ -73,10 +73,12 @@ pub enum ServeError {
     Sandbox(#[from] PlanError),
     #[error(transparent)]
     Mount(#[from] crate::sandbox::host_folders::MountError),
+    #[error("kernel gateway: {0}")]
+    Gateway(String),
 }
 
 /// Runs the server until a signal (or, over stdio, the end of input).
-pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError> {
+pub async fn run(config: Config, python: Option<KernelPython>) -> Result<(), ServeError> {
     // Refused before anything starts (no kernel, no folder).
     if matches!(config.transport, TransportKind::Http)
         && config.tokens.is_empty()
@@ -96,42 +98,93 @@ pub async fn run(config: Config, python: KernelPython) -> Result<(), ServeError>
     ));
     create_private_dir(&runtime_dir)?;
 
-    let cgroups = if config.sandbox {
-        let prefix = "mcp-python-interpreter-";
-        let stale = CgroupRoot::sweep_stale(prefix);
-        if stale > 0 {
-            tracing::info!("removed {stale} cgroup(s) left by servers that were killed");
-        }
-        CgroupRoot::detect(&format!("{prefix}{}", std::process::id()))
-    } else {
-        None
-    };
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (sandbox, host_folders) = match sandbox_settings(&config, &python, &cgroups, &runtime_dir) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&runtime_dir);
-            if let Some(cg) = &cgroups {
-                cg.remove();
+    let (factory, cgroups, host_folders) = match (&config.gateway, python) {
+        (Some(gateway), _) => {
+            if !config.mounts.is_empty() {
+                let _ = std::fs::remove_dir_all(&runtime_dir);
+                return Err(ServeError::Gateway(
+                    "--mount shares this machine's folders with local kernels; remote kernels \
+                     see the volumes their deployment mounts"
+                        .into(),
+                ));
             }
-            return Err(e);
+            tracing::info!(
+                "sandbox: kernels run on the gateway, so this server's confinement (Landlock, \
+                 uids, cgroups, namespaces) does not apply to them: isolation comes from the \
+                 deployment (a pod per kernel, its user, NetworkPolicy, resource limits; see \
+                 SECURITY.md). Still enforced here: client authentication, session ids and \
+                 paths, output and time bounds."
+            );
+            let factory = match GatewayKernelFactory::connect(
+                gateway.clone(),
+                shutdown.child_token(),
+                tracker.clone(),
+            )
+            .await
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&runtime_dir);
+                    return Err(ServeError::Gateway(e));
+                }
+            };
+            (
+                Arc::new(factory) as Arc<dyn KernelFactory>,
+                None,
+                Vec::new(),
+            )
+        }
+        (None, None) => {
+            let _ = std::fs::remove_dir_all(&runtime_dir);
+            return Err(ServeError::Gateway(
+                "no kernel environment and no gateway".into(),
+            ));
+        }
+        (None, Some(python)) => {
+            let cgroups = if config.sandbox {
+                let prefix = "mcp-python-interpreter-";
+                let stale = CgroupRoot::sweep_stale(prefix);
+                if stale > 0 {
+                    tracing::info!("removed {stale} cgroup(s) left by servers that were killed");
+                }
+                CgroupRoot::detect(&format!("{prefix}{}", std::process::id()))
+            } else {
+                None
+            };
+            let (sandbox, host_folders) =
+                match sandbox_settings(&config, &python, &cgroups, &runtime_dir) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&runtime_dir);
+                        if let Some(cg) = &cgroups {
+                            cg.remove();
+                        }
+                        return Err(e);
+                    }
+                };
+            let factory = LocalKernelFactory::new(
+                LocalKernelConfig {
+                    python: python.python.clone(),
+                    runtime_dir: runtime_dir.clone(),
+                    env: kernel_env(&python, &config.inherited_path),
+                    start_timeout: config.kernel_start_timeout,
+                    mpl_cache: python.mpl_config.clone(),
+                    sandbox,
+                },
+                shutdown.child_token(),
+                tracker.clone(),
+            );
+            (
+                Arc::new(factory) as Arc<dyn KernelFactory>,
+                cgroups,
+                host_folders,
+            )
         }
     };
-    let factory = LocalKernelFactory::new(
-        LocalKernelConfig {
-            python: python.python.clone(),
-            runtime_dir: runtime_dir.clone(),
-            env: kernel_env(&python, &config.inherited_path),
-            start_timeout: config.kernel_start_timeout,
-            mpl_cache: python.mpl_config.clone(),
-            sandbox,
-        },
-        shutdown.child_token(),
-        tracker.clone(),
-    );
     let registry = Arc::new(Registry::new(
-        Arc::new(factory),
+        factory,
         SessionSettings {
             data_dir: config.data_dir.clone(),
             idle_timeout: config.session_timeout,

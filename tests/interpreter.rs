@@ -139,7 +139,7 @@ async fn core_scenario(t: Transport) {
     assert_eq!(listed, vec!["figure_1.png", "out/data.csv", "plot.png"]);
 
     // Clearing removes kernel and folder; the id is then unknown.
-    let folder = s.data_dir.path().join(&id);
+    let folder = s.session_folder(&id);
     assert!(folder.is_dir());
     let c = s.call("clear_session", json!({"session_id": id})).await;
     assert_eq!(c.structured_content.unwrap()["success"], true);
@@ -319,7 +319,8 @@ async fn resources_refuse_everything_outside_the_session() {
     let (id, _) = s
         .new_session("import os\nopen('ok.txt','w').write('ok')\nos.symlink('/etc/passwd','link')")
         .await;
-    std::fs::write(s.data_dir.path().join("outside.txt"), "secret").unwrap();
+    std::fs::create_dir_all(s.sessions_parent()).unwrap();
+    std::fs::write(s.sessions_parent().join("outside.txt"), "secret").unwrap();
     assert_eq!(
         text_of(&s.read(&format!("kernel://{id}/ok.txt")).await.unwrap()).0,
         "ok"
@@ -354,8 +355,8 @@ async fn resources_refuse_everything_outside_the_session() {
         );
     }
     assert!(std::path::Path::new("/etc/passwd").exists());
-    assert!(s.data_dir.path().join("outside.txt").exists());
-    assert!(s.data_dir.path().join(&id).join("ok.txt").exists());
+    assert!(s.sessions_parent().join("outside.txt").exists());
+    assert!(s.session_folder(&id).join("ok.txt").exists());
     s.stop().await;
 }
 
@@ -452,7 +453,7 @@ async fn expired_sessions_are_removed() {
     )
     .await;
     let (id, _) = s.new_session("open('f.txt','w').write('x')").await;
-    let folder = s.data_dir.path().join(&id);
+    let folder = s.session_folder(&id);
     assert!(folder.is_dir());
     // The sweeper removes it without any call touching it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -530,6 +531,8 @@ async fn eight_sessions_in_parallel_and_fifo_within_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plotly_show_and_pip_install_work() {
+    // Processes of local kernels.
+    local_kernels_only!();
     let s = start(Transport::Stdio, &[]).await;
     let (id, _) = s
         .new_session(
@@ -579,6 +582,8 @@ fn children_of(pid: u32) -> Vec<i32> {
 /// SIGKILL the kernels notice their parent is gone. Pooled kernels too.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_kernel_outlives_the_server() {
+    // Processes of local kernels.
+    local_kernels_only!();
     for signal in [
         nix::sys::signal::Signal::SIGTERM,
         nix::sys::signal::Signal::SIGKILL,
@@ -610,6 +615,8 @@ async fn no_kernel_outlives_the_server() {
 /// before the call), and no state passes from one session to the next.
 #[tokio::test(flavor = "multi_thread")]
 async fn pooled_sessions_are_fresh_and_never_reused() {
+    // Processes of local kernels.
+    local_kernels_only!();
     let s = start(
         Transport::Stdio,
         &["--pool-size", "1", "--preload", "numpy,matplotlib"],
@@ -677,6 +684,8 @@ async fn pooled_sessions_are_fresh_and_never_reused() {
 /// ipykernel is refused at start-up with a clear message.
 #[tokio::test(flavor = "multi_thread")]
 async fn python_flag_uses_an_existing_interpreter() {
+    // Processes of local kernels.
+    local_kernels_only!();
     let out = std::process::Command::new(common::BIN)
         .arg("--provision-only")
         .output()
@@ -743,8 +752,7 @@ fn spilled_output(s: &Server, id: &str, v: &serde_json::Value) -> (serde_json::V
         .expect("full output file listed")
         .clone();
     let full =
-        std::fs::read_to_string(s.data_dir.path().join(id).join(f["name"].as_str().unwrap()))
-            .unwrap();
+        std::fs::read_to_string(s.session_folder(id).join(f["name"].as_str().unwrap())).unwrap();
     (f, full)
 }
 
@@ -834,7 +842,7 @@ async fn cancelled_call_interrupts_and_keeps_state() {
             )
             .await
             .unwrap();
-        let started = s.data_dir.path().join(&id).join("started");
+        let started = s.session_folder(&id).join("started");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !started.exists() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -953,6 +961,8 @@ async fn interrupt_that_does_not_take_restarts_the_kernel() {
 /// the session goes on in a fresh kernel with its files.
 #[tokio::test(flavor = "multi_thread")]
 async fn segfault_and_external_kill_are_kernel_deaths() {
+    // Processes of local kernels.
+    local_kernels_only!();
     let s = start(Transport::Stdio, &[]).await;
     let (id, _) = s.new_session("open('kept.txt','w').write('k')").await;
     let v = s.exec(&id, "import ctypes; ctypes.string_at(0)").await;
@@ -1103,6 +1113,8 @@ async fn long_cell_over_http_is_not_cut_short() {
 /// grace period; the caller gets a clear result and the session goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn frozen_kernel_is_restarted() {
+    // Processes of local kernels.
+    local_kernels_only!();
     let s = start(Transport::Stdio, &["--interrupt-grace", "1"]).await;
     let (id, _) = s.new_session("1").await;
     let pid = common::kernel_pid(&id).expect("kernel process");
@@ -1275,7 +1287,7 @@ async fn rich_results_images_links_displays_and_notebook() {
         assert!(*w <= 800 && *h <= 800 && w * h <= 1_150_000, "{w}x{h}");
         assert!(*w >= 700, "{w}x{h}");
     }
-    let on_disk = std::fs::read(s.data_dir.path().join(&id).join("wide.png")).unwrap();
+    let on_disk = std::fs::read(s.session_folder(&id).join("wide.png")).unwrap();
     let (w, _) = image::ImageReader::new(std::io::Cursor::new(&on_disk))
         .with_guessed_format()
         .unwrap()

@@ -159,10 +159,13 @@ impl Actor {
             tokio::select! {
                 cmd = self.commands.recv() => match cmd {
                     None => break,
-                    Some(Command::Shutdown { done }) => {
+                    Some(Command::Shutdown { done } | Command::Detach { done }) => {
                         self.shutdown(&mut s, dead.is_none()).await;
                         let _ = done.send(());
                         return;
+                    }
+                    Some(Command::Query { reply, .. }) => {
+                        let _ = reply.send(Err(KernelError::Dead("a local kernel takes no queries".into())));
                     }
                     Some(Command::Interrupt) => {
                         if dead.is_none() {
@@ -285,7 +288,7 @@ async fn sockets_bound(info: &ConnectionInfo) {
     }
 }
 
-fn parent_id(msg: &JupyterMessage) -> Option<&str> {
+pub(super) fn parent_id(msg: &JupyterMessage) -> Option<&str> {
     msg.parent_header.as_ref().map(|h| h.msg_id.as_str())
 }
 
@@ -308,7 +311,7 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-fn to_event(content: JupyterMessageContent) -> Option<KernelEvent> {
+pub(super) fn to_event(content: JupyterMessageContent) -> Option<KernelEvent> {
     use jupyter_protocol::Stdio;
     Some(match content {
         JupyterMessageContent::StreamContent(s) => KernelEvent::Stream {

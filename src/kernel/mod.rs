@@ -7,6 +7,7 @@
 //! Jupyter wire types never leave this module: callers see [`KernelEvent`].
 
 mod actor;
+pub mod gateway;
 pub mod local;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use gateway::GatewayKernelFactory;
 pub use local::LocalKernelFactory;
 
 /// What a running cell produced, in the order the kernel sent it.
@@ -73,6 +75,9 @@ pub enum KernelError {
     Dead(String),
     #[error("the kernel is busy with another execution")]
     Busy,
+    /// A silent query's expression raised or gave no text.
+    #[error("the kernel could not answer: {0}")]
+    Query(String),
 }
 
 /// Commands understood by a kernel's owning task.
@@ -86,6 +91,17 @@ pub(crate) enum Command {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+    /// Lets go of a kernel that outlives us (remote: it keeps running, to be
+    /// resumed after a restart); a local kernel is shut down.
+    Detach {
+        done: oneshot::Sender<()>,
+    },
+    /// A silent request whose one user expression is `expr`; answers the
+    /// expression's `text/plain` value (remote kernels only).
+    Query {
+        expr: String,
+        reply: oneshot::Sender<Result<String, KernelError>>,
+    },
 }
 
 /// Cheap handle to a kernel; all clones talk to the same owning task.
@@ -96,6 +112,28 @@ pub struct KernelHandle {
     pid: Option<u32>,
     /// Set by the owning task when the process has exited.
     exited: Arc<AtomicBool>,
+    /// What reaches this kernel again after our restart (a remote kernel's id).
+    resume_id: Option<Arc<str>>,
+}
+
+/// A [`KernelHandle`] that does not keep its kernel running.
+#[derive(Clone, Debug)]
+pub(crate) struct WeakKernel {
+    tx: mpsc::WeakSender<Command>,
+    pid: Option<u32>,
+    exited: Arc<AtomicBool>,
+    resume_id: Option<Arc<str>>,
+}
+
+impl WeakKernel {
+    pub(crate) fn upgrade(&self) -> Option<KernelHandle> {
+        Some(KernelHandle {
+            tx: self.tx.upgrade()?,
+            pid: self.pid,
+            exited: self.exited.clone(),
+            resume_id: self.resume_id.clone(),
+        })
+    }
 }
 
 /// Capacity of one execution's event channel. The owning task waits when it
@@ -108,7 +146,33 @@ impl KernelHandle {
         pid: Option<u32>,
         exited: Arc<AtomicBool>,
     ) -> Self {
-        Self { tx, pid, exited }
+        Self {
+            tx,
+            pid,
+            exited,
+            resume_id: None,
+        }
+    }
+
+    pub(crate) fn with_resume_id(mut self, id: &str) -> Self {
+        self.resume_id = Some(Arc::from(id));
+        self
+    }
+
+    /// What [`KernelFactory::resume`] takes to reach this kernel after our
+    /// restart; `None` for kernels that cannot outlive the server.
+    pub fn resume_id(&self) -> Option<&str> {
+        self.resume_id.as_deref()
+    }
+
+    /// A handle that does not keep the kernel's task alive.
+    pub(crate) fn downgrade(&self) -> WeakKernel {
+        WeakKernel {
+            tx: self.tx.downgrade(),
+            pid: self.pid,
+            exited: self.exited.clone(),
+            resume_id: self.resume_id.clone(),
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -150,12 +214,64 @@ impl KernelHandle {
             let _ = rx.await;
         }
     }
+
+    /// Lets go of the kernel: a remote one keeps running for
+    /// [`KernelFactory::resume`]; a local one is shut down.
+    pub async fn detach(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Detach { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Evaluates `expr` silently in the kernel (after any running cell) and
+    /// returns its plain-text value.
+    pub(crate) async fn query(&self, expr: String) -> Result<String, KernelError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Query { expr, reply })
+            .await
+            .map_err(|_| KernelError::Dead("kernel task has stopped".into()))?;
+        rx.await
+            .map_err(|_| KernelError::Dead("kernel task has stopped".into()))?
+    }
 }
 
 /// A boxed future, so [`KernelFactory`] stays object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Starts kernels whose working directory is a session folder.
+///
+/// The defaults are those of local kernels; a remote backend overrides
+/// them. These are the places where backends really differ.
 pub trait KernelFactory: Send + Sync + 'static {
     fn start<'a>(&'a self, workdir: &'a Path) -> BoxFuture<'a, Result<KernelHandle, KernelError>>;
+
+    /// Reaches again a kernel that outlived our previous run (its
+    /// [`KernelHandle::resume_id`]), state intact; `Ok(None)` if it is gone
+    /// or this backend's kernels never outlive us.
+    fn resume<'a>(
+        &'a self,
+        _resume_id: &'a str,
+        _workdir: &'a Path,
+    ) -> BoxFuture<'a, Result<Option<KernelHandle>, KernelError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Deletes a kernel that outlived our previous run and is no longer
+    /// wanted (its session expired or was pooled), and its folder.
+    fn discard<'a>(&'a self, _resume_id: &'a str, _workdir: &'a Path) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    /// Session folders beside remote kernels are reached through this;
+    /// `None`: folders are on our disk.
+    fn remote_files(
+        &self,
+    ) -> Option<(
+        std::path::PathBuf,
+        Arc<dyn crate::workspace::remote::RemoteFiles>,
+    )> {
+        None
+    }
 }

@@ -269,6 +269,20 @@ impl Registry {
         report.result = cell.result;
         report.error = cell.error;
         report.traceback = cell.traceback;
+        // A kernel that outlives us (remote) is found again by the id in the
+        // record: keep it current when the kernel was replaced.
+        let kernel_now = state
+            .kernel
+            .as_ref()
+            .and_then(|k| k.resume_id())
+            .map(String::from);
+        if let Some(record) = &mut state.record
+            && kernel_now.is_some()
+            && record.kernel != kernel_now
+        {
+            record.kernel = kernel_now;
+            self.save_record(record.clone()).await;
+        }
         if let (Some(record), Some(code)) = (&mut state.record, recorded) {
             // Only cells that completed are replayed after a restart.
             let write = if report.success {

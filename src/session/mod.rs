@@ -40,7 +40,7 @@ use tokio::time::Instant;
 
 use crate::auth::Principal;
 use crate::kernel::{KernelError, KernelFactory, KernelHandle};
-use crate::workspace::{Snapshot, Workspace};
+use crate::workspace::{Folders, Snapshot, Workspace};
 
 pub use execute::{CallControl, ExecutionReport, ProgressUpdate};
 pub use id::SessionId;
@@ -109,6 +109,8 @@ pub struct Registry {
     /// Sessions whose kernel is starting (not yet in `sessions`).
     starting: std::sync::atomic::AtomicUsize,
     factory: Arc<dyn KernelFactory>,
+    /// Where session folders are: on our disk, or beside remote kernels.
+    folders: Folders,
     settings: SessionSettings,
     /// Session records; `None` when sessions are not durable.
     store: Option<store::Store>,
@@ -186,7 +188,14 @@ impl Registry {
         } else {
             None
         };
+        let folders = match factory.remote_files() {
+            Some((base, files)) => Folders::Remote { base, files },
+            None => Folders::Local {
+                data_dir: settings.data_dir.clone(),
+            },
+        };
         Self {
+            folders,
             pool: Pool::default(),
             sessions: Mutex::new(HashMap::new()),
             starting: std::sync::atomic::AtomicUsize::new(0),
@@ -294,10 +303,10 @@ impl Registry {
             None => self.prepare().await?,
         };
         let baseline = workspace.snapshot().await;
-        let record = self
-            .store
-            .is_some()
-            .then(|| store::Record::new(&id, &owner.0, false));
+        let record = self.store.is_some().then(|| store::Record {
+            kernel: kernel.resume_id().map(String::from),
+            ..store::Record::new(&id, &owner.0, false)
+        });
         if let Some(r) = &record {
             self.save_record(r.clone()).await;
         }
@@ -326,7 +335,7 @@ impl Registry {
     pub(crate) async fn prepare(&self) -> Result<Prepared, SessionError> {
         let id = SessionId::generate();
         self.save_record(store::Record::new(&id, "", true)).await;
-        let workspace = match Workspace::create(self.settings.data_dir.join(id.as_str())).await {
+        let workspace = match self.folders.open(id.as_str()).await {
             Ok(w) => w,
             Err(e) => {
                 self.remove_record(&id).await;
@@ -334,11 +343,21 @@ impl Registry {
             }
         };
         match self.factory.start(workspace.root()).await {
-            Ok(kernel) => Ok(Prepared {
-                id,
-                workspace,
-                kernel,
-            }),
+            Ok(kernel) => {
+                if let Some(k) = kernel.resume_id() {
+                    // So that a crash before a session takes it cannot leak it.
+                    self.save_record(store::Record {
+                        kernel: Some(k.to_string()),
+                        ..store::Record::new(&id, "", true)
+                    })
+                    .await;
+                }
+                Ok(Prepared {
+                    id,
+                    workspace,
+                    kernel,
+                })
+            }
             Err(e) => {
                 let _ = workspace.remove().await;
                 self.remove_record(&id).await;
@@ -408,7 +427,11 @@ impl Registry {
         let Some(session) = self.map().remove(id) else {
             return;
         };
-        session.close().await;
+        if let Some(kernel) = session.close().await {
+            self.factory
+                .discard(&kernel, session.workspace.root())
+                .await;
+        }
         self.remove_record(id).await;
         tracing::info!(session = %id, "session closed");
     }
@@ -453,7 +476,9 @@ impl Registry {
                 if keep {
                     s.stop_kernel().await;
                 } else {
-                    s.close().await;
+                    if let Some(kernel) = s.close().await {
+                        registry.factory.discard(&kernel, s.workspace.root()).await;
+                    }
                     registry.remove_record(&s.id).await;
                 }
             });
@@ -477,34 +502,55 @@ impl Registry {
         .await
         .unwrap_or_default();
         let mut adopted = 0;
+        let remote = matches!(self.folders, Folders::Remote { .. });
+        let mut discards = tokio::task::JoinSet::new();
         for store::Loaded { id, record } in loaded {
             // The id was validated like a client's; only then is it a path.
             let folder = self.settings.data_dir.join(id.as_str());
             let expired = record.idle_for() >= self.settings.idle_timeout;
             if record.pooled || expired {
-                let _ = tokio::fs::remove_dir_all(&folder).await;
+                if remote {
+                    if let Some(kernel) = record.kernel.clone() {
+                        // Its kernel (and folder, beside it) on the gateway.
+                        let (factory, folders, id) =
+                            (self.factory.clone(), self.folders.clone(), id.clone());
+                        discards.spawn(async move {
+                            if let Ok(w) = folders.open(id.as_str()).await {
+                                factory.discard(&kernel, w.root()).await;
+                            }
+                        });
+                    }
+                } else {
+                    let _ = tokio::fs::remove_dir_all(&folder).await;
+                }
                 store.remove(&id);
                 if expired && !record.pooled {
                     tracing::info!(session = %id, "session expired while the server was down: removed");
                 }
                 continue;
             }
-            let is_dir = tokio::fs::symlink_metadata(&folder)
-                .await
-                .is_ok_and(|m| m.is_dir());
+            let is_dir = remote
+                || tokio::fs::symlink_metadata(&folder)
+                    .await
+                    .is_ok_and(|m| m.is_dir());
             if !is_dir {
                 tracing::warn!(session = %id, "session folder missing; record removed");
                 store.remove(&id);
                 continue;
             }
-            let workspace = match Workspace::create(folder).await {
+            let workspace = match self.folders.open(id.as_str()).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(session = %id, "cannot open the session folder ({e}); left alone");
                     continue;
                 }
             };
-            let baseline = workspace.snapshot().await;
+            // A remote folder is listed when its kernel is back.
+            let baseline = if remote {
+                Snapshot::default()
+            } else {
+                workspace.snapshot().await
+            };
             let idle = record.idle_for();
             let last_used = Instant::now()
                 .checked_sub(idle)
@@ -534,6 +580,11 @@ impl Registry {
             self.map().insert(id, session);
             adopted += 1;
         }
+        // Bounded: a gateway that does not answer must not hold the start-up.
+        let _ = tokio::time::timeout(Duration::from_secs(60), async {
+            while discards.join_next().await.is_some() {}
+        })
+        .await;
         adopted
     }
 }
@@ -552,26 +603,33 @@ impl Session {
         self.state.try_lock().is_err()
     }
 
-    /// Shuts the kernel down and keeps the folder (server shutdown); waits
-    /// for the current call.
+    /// Lets go of the kernel and keeps the folder (server shutdown, durable
+    /// sessions): a kernel that can outlive us (remote) keeps running for
+    /// the next start; waits for the current call.
     async fn stop_kernel(&self) {
         let mut state = self.state.lock().await;
         state.closed = true;
         if let Some(k) = state.kernel.take() {
-            k.shutdown().await;
+            k.detach().await;
         }
     }
 
-    /// Shuts the kernel down and deletes the folder; waits for the current call.
-    async fn close(&self) {
+    /// Shuts the kernel down and deletes the folder; waits for the current
+    /// call. A remote folder is deleted through its kernel, so before the
+    /// kernel goes; a local one (again) after, since the kernel may have
+    /// written meanwhile. Returns the kernel a dormant session left running
+    /// (remote), for the caller to discard.
+    async fn close(&self) -> Option<String> {
         let mut state = self.state.lock().await;
         state.closed = true;
+        let _ = self.workspace.remove().await;
         if let Some(k) = state.kernel.take() {
             k.shutdown().await;
         }
         if let Err(e) = self.workspace.remove().await {
             tracing::warn!(session = %self.id, "could not delete session folder: {e}");
         }
+        state.dormant.take().and_then(|d| d.kernel)
     }
 
     pub async fn files(&self) -> Vec<crate::workspace::FileInfo> {

@@ -68,6 +68,8 @@ del __mcp_replay_end
 /// What a dormant session brings back with it.
 #[derive(Debug, Clone)]
 pub(super) struct Dormant {
+    /// The kernel that may still run (remote), to reconnect to first.
+    pub(super) kernel: Option<String>,
     cells: Vec<String>,
     truncated: bool,
     restore: Restore,
@@ -76,6 +78,7 @@ pub(super) struct Dormant {
 impl Dormant {
     pub(super) fn from_record(record: &Record, restore: Restore) -> Self {
         Self {
+            kernel: record.kernel.clone(),
             cells: record.cells.clone(),
             truncated: record.cells_truncated,
             restore,
@@ -102,6 +105,27 @@ impl Registry {
         state: &mut State,
         dormant: Dormant,
     ) -> Result<String, SessionError> {
+        if let Some(id) = &dormant.kernel {
+            match self.factory.resume(id, session.workspace.root()).await {
+                Ok(Some(kernel)) => {
+                    state.kernel = Some(kernel);
+                    let _ = session.workspace.refresh(&mut state.baseline).await;
+                    return Ok(
+                        "The server restarted since this session was last used; the \
+                               session reconnected to its kernel, which kept running, so its \
+                               variables, imports and files are as they were."
+                            .into(),
+                    );
+                }
+                Ok(None) => {
+                    tracing::info!(session = %session.id, "its kernel is gone; starting a new one");
+                }
+                Err(e) => {
+                    tracing::warn!(session = %session.id, "cannot reconnect to its kernel: {e}");
+                    self.factory.discard(id, session.workspace.root()).await;
+                }
+            }
+        }
         let kernel = self.factory.start(session.workspace.root()).await?;
         state.kernel = Some(kernel.clone());
         let head = "The server restarted since this session was last used. Its files are \

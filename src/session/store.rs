@@ -58,6 +58,10 @@ pub struct Record {
     pub cells_bytes: usize,
     /// Cells were dropped (over the bounds): replay is impossible.
     pub cells_truncated: bool,
+    /// The kernel that may outlive the server (a remote kernel's id), to
+    /// reconnect to after a restart instead of replaying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
 }
 
 /// A record, checked on load.
@@ -86,6 +90,7 @@ impl Record {
             cells: Vec::new(),
             cells_bytes: 0,
             cells_truncated: false,
+            kernel: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //! kernel runs in this folder and may swap any name in it at any moment.
 
 pub mod path;
+pub mod remote;
 mod upload;
 mod watch;
 
@@ -34,7 +35,7 @@ pub use upload::{WriteError, WriteOptions, Written};
 
 /// At most this many files are tracked per session folder; beyond it a
 /// snapshot stops walking (and the caller is told, see [`Snapshot::truncated`]).
-const MAX_TRACKED_FILES: usize = 20_000;
+pub const MAX_TRACKED_FILES: usize = 20_000;
 /// [`Workspace::create_new`] tries at most this many names; a kernel that
 /// planted files or links at all of them makes it fail rather than spin.
 const MAX_NAME_TRIES: u32 = 10_000;
@@ -81,12 +82,52 @@ pub struct Snapshot {
 pub struct Workspace {
     /// Where the folder was created: the kernel's working directory, and
     /// what [`Workspace::remove`] deletes. Never used to reach files in it.
+    /// For a remote kernel, the folder as that kernel sees it.
     root: PathBuf,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Local(Local),
+    /// Beside a remote kernel ([`remote`]).
+    Remote(remote::Remote),
+}
+
+#[derive(Debug)]
+struct Local {
     /// The folder, opened at creation; every file operation starts here.
     dir: Arc<OwnedFd>,
     /// What changed since the last look; `None` if inotify is unavailable
     /// (then every look walks the folder).
     watcher: Arc<Mutex<Option<Watcher>>>,
+}
+
+/// Where session folders are made: on our disk, or beside remote kernels.
+#[derive(Clone)]
+pub enum Folders {
+    Local {
+        data_dir: PathBuf,
+    },
+    Remote {
+        /// The folder holding session folders, as remote kernels see it.
+        base: PathBuf,
+        files: Arc<dyn remote::RemoteFiles>,
+    },
+}
+
+impl Folders {
+    /// The workspace of session `id`, its folder created (locally now;
+    /// remotely by the kernel that starts in it).
+    pub async fn open(&self, id: &str) -> std::io::Result<Workspace> {
+        match self {
+            Folders::Local { data_dir } => Workspace::create(data_dir.join(id)).await,
+            Folders::Remote { base, files } => Ok(Workspace {
+                root: base.join(id),
+                backend: Backend::Remote(remote::Remote::new(files.clone())),
+            }),
+        }
+    }
 }
 
 impl Workspace {
@@ -111,8 +152,10 @@ impl Workspace {
         .map_err(std::io::Error::other)??;
         Ok(Self {
             root,
-            dir: Arc::new(dir),
-            watcher: Arc::new(Mutex::new(watcher)),
+            backend: Backend::Local(Local {
+                dir: Arc::new(dir),
+                watcher: Arc::new(Mutex::new(watcher)),
+            }),
         })
     }
 
@@ -122,7 +165,11 @@ impl Workspace {
 
     /// Walks the folder (symlinks are not followed) and records every file.
     pub async fn snapshot(&self) -> Snapshot {
-        let dir = self.dir.clone();
+        let l = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::Remote(r) => return r.snapshot(&self.root).await,
+        };
+        let dir = l.dir.clone();
         tokio::task::spawn_blocking(move || walk(dir.as_fd(), &mut None))
             .await
             .unwrap_or_default()
@@ -132,17 +179,21 @@ impl Workspace {
     /// since it was taken. Only the paths inotify reports are looked at; the
     /// folder is walked when that view is incomplete (see [`watch`]).
     pub async fn refresh(&self, snap: &mut Snapshot) -> Vec<(FileInfo, Change)> {
+        let l = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::Remote(r) => return r.refresh(&self.root, snap).await,
+        };
         // The common case, nothing written, is one non-blocking read: answer
         // it here rather than hand it to a blocking thread.
-        let changed = match self.lock_watcher().as_mut() {
+        let changed = match l.lock_watcher().as_mut() {
             Some(w) => w.drain(),
             None => Changed::Everything,
         };
         if changed == Changed::Nothing {
             return Vec::new();
         }
-        let dir = self.dir.clone();
-        let watcher = self.watcher.clone();
+        let dir = l.dir.clone();
+        let watcher = l.watcher.clone();
         let prev = std::mem::take(snap);
         let (next, changes) = tokio::task::spawn_blocking(move || {
             let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,7 +227,11 @@ impl Workspace {
         max_bytes: u64,
     ) -> Result<(Vec<u8>, FileInfo), ReadError> {
         let rel = path::parse(rel)?;
-        let dir = self.dir.clone();
+        let l = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::Remote(r) => return r.read(&self.root, rel.as_str(), max_bytes).await,
+        };
+        let dir = l.dir.clone();
         tokio::task::spawn_blocking(move || read_blocking(dir.as_fd(), rel.as_str(), max_bytes))
             .await
             .map_err(std::io::Error::other)?
@@ -190,6 +245,9 @@ impl Workspace {
         bytes: Vec<u8>,
     ) -> std::io::Result<FileInfo> {
         use tokio::io::AsyncWriteExt;
+        if let Backend::Remote(r) = &self.backend {
+            return Ok(r.stage_bytes(stem, ext, bytes));
+        }
         let (mut file, name) = self.create_new(stem, ext).await?;
         file.write_all(&bytes).await?;
         file.flush().await?;
@@ -209,7 +267,11 @@ impl Workspace {
         stem: &str,
         ext: &str,
     ) -> std::io::Result<(tokio::fs::File, String)> {
-        let dir = self.dir.clone();
+        let l = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::Remote(r) => return r.stage_file(stem, ext).await,
+        };
+        let dir = l.dir.clone();
         let (stem, ext) = (stem.to_string(), ext.to_string());
         let (file, name) =
             tokio::task::spawn_blocking(move || create_blocking(dir.as_fd(), &stem, &ext))
@@ -229,7 +291,25 @@ impl Workspace {
                 "not a plain file name",
             ));
         }
-        let dir = self.dir.clone();
+        let l = match &self.backend {
+            Backend::Local(l) => l,
+            Backend::Remote(r) => {
+                if r.exists(name) {
+                    return Err(std::io::ErrorKind::AlreadyExists.into());
+                }
+                return r
+                    .write_now(&self.root, name, bytes, remote::WriteMode::Exclusive)
+                    .await
+                    .map(|((size, _), _)| file_info(name, size))
+                    .map_err(|e| match e {
+                        remote::RemoteError::Failed { kind, .. } if kind == "FileExistsError" => {
+                            std::io::ErrorKind::AlreadyExists.into()
+                        }
+                        e => std::io::Error::other(e.to_string()),
+                    });
+            }
+        };
+        let dir = l.dir.clone();
         let name = name.to_string();
         tokio::task::spawn_blocking(move || {
             let owner = rustix::fs::fstat(dir.as_fd())?;
@@ -241,19 +321,34 @@ impl Workspace {
         .map_err(std::io::Error::other)?
     }
 
-    fn lock_watcher(&self) -> std::sync::MutexGuard<'_, Option<Watcher>> {
-        self.watcher.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Deletes the folder and everything in it. Symlinks are removed, never
     /// followed: `remove_dir_all` opens each folder with `O_NOFOLLOW` and
     /// unlinks relative to it, and if the folder's own path has become a
     /// symlink, only that link goes.
     pub async fn remove(&self) -> std::io::Result<()> {
+        if let Backend::Remote(r) = &self.backend {
+            return r.remove(&self.root).await;
+        }
         match tokio::fs::remove_dir_all(&self.root).await {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             other => other,
         }
+    }
+}
+
+impl Workspace {
+    #[cfg(test)]
+    fn local(&self) -> &Local {
+        match &self.backend {
+            Backend::Local(l) => l,
+            Backend::Remote(_) => panic!("a remote workspace"),
+        }
+    }
+}
+
+impl Local {
+    fn lock_watcher(&self) -> std::sync::MutexGuard<'_, Option<Watcher>> {
+        self.watcher.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -568,7 +663,7 @@ mod tests {
     async fn refresh_follows_every_change() {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspace::create(dir.path().join("s")).await.unwrap();
-        assert!(ws.lock_watcher().is_some(), "inotify unavailable");
+        assert!(ws.local().lock_watcher().is_some(), "inotify unavailable");
         let root = ws.root().to_path_buf();
         std::fs::write(root.join("old.txt"), "1").unwrap();
         let mut snap = ws.snapshot().await;
@@ -622,7 +717,7 @@ mod tests {
             let walked = ws.snapshot().await;
             assert_eq!(snap.files, walked.files, "step {i}");
         }
-        assert!(ws.lock_watcher().is_some());
+        assert!(ws.local().lock_watcher().is_some());
     }
 
     #[tokio::test]

@@ -76,13 +76,64 @@ impl Workspace {
         bytes: Vec<u8>,
         options: WriteOptions,
     ) -> Result<Written, WriteError> {
+        let l = match &self.backend {
+            super::Backend::Local(l) => l,
+            super::Backend::Remote(r) => {
+                return write_remote(r, &self.root, rel, bytes, options).await;
+            }
+        };
         let rel = rel.clone();
-        let dir = self.dir.clone();
+        let dir = l.dir.clone();
         tokio::task::spawn_blocking(move || {
             write_blocking(dir.as_fd(), rel.as_str(), &bytes, options)
         })
         .await
         .map_err(std::io::Error::other)?
+    }
+}
+
+/// An upload beside a remote kernel: the quota is checked against the last
+/// listing (the kernel may have written since; the next call's check sees
+/// it), the bytes go to a temporary file renamed over the name.
+async fn write_remote(
+    r: &super::remote::Remote,
+    root: &std::path::Path,
+    rel: &RelPath,
+    bytes: Vec<u8>,
+    options: WriteOptions,
+) -> Result<Written, WriteError> {
+    use super::remote::{RemoteError, WriteMode};
+    let rel = rel.as_str();
+    if !options.overwrite && r.exists(rel) {
+        return Err(WriteError::Exists);
+    }
+    let used = r.used_bytes();
+    let size = bytes.len() as u64;
+    if used.saturating_add(size) > options.max_folder_bytes {
+        return Err(WriteError::Quota {
+            used,
+            size,
+            max: options.max_folder_bytes,
+        });
+    }
+    let mode = if options.overwrite {
+        WriteMode::Replace
+    } else {
+        WriteMode::Exclusive
+    };
+    match r.write_now(root, rel, bytes, mode).await {
+        Ok((stamp, replaced)) => Ok(Written {
+            info: file_info(rel, stamp.0),
+            replaced,
+            stamp,
+        }),
+        Err(RemoteError::Failed { kind, detail, .. }) => Err(match kind.as_str() {
+            "FileExistsError" => WriteError::Exists,
+            "IsADirectoryError" => WriteError::Folder,
+            "NotADirectoryError" => WriteError::NotAFolder,
+            _ => WriteError::Io(std::io::Error::other(format!("{kind}: {detail}"))),
+        }),
+        Err(e) => Err(WriteError::Io(std::io::Error::other(e.to_string()))),
     }
 }
 

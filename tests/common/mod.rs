@@ -2,6 +2,8 @@
 //! over stdio or streamable HTTP (port 0, read back from stderr).
 #![allow(dead_code)]
 
+pub mod gateway;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -34,6 +36,27 @@ pub struct Server {
     pub pid: u32,
     /// The HTTP endpoint, for HTTP servers.
     pub url: Option<String>,
+    /// The Jupyter server our server runs its kernels on
+    /// (`MCP_TEST_GATEWAY`), started for this server.
+    pub gateway: Option<gateway::Gateway>,
+}
+
+/// True when the tests run against a Jupyter gateway (`MCP_TEST_GATEWAY`):
+/// tests of what only local kernels have (processes, sandbox) skip then.
+pub fn on_gateway() -> bool {
+    gateway::Kind::from_env().is_some()
+}
+
+/// Skips the rest of a test that needs local kernels when the suite runs
+/// against a gateway.
+#[macro_export]
+macro_rules! local_kernels_only {
+    () => {
+        if common::on_gateway() {
+            eprintln!("skipped: needs local kernels (MCP_TEST_GATEWAY is set)");
+            return;
+        }
+    };
 }
 
 pub async fn start(transport: Transport, extra: &[&str]) -> Server {
@@ -245,6 +268,24 @@ pub async fn connect_http(url: &str, token: Option<&str>) -> Result<Client, Stri
 }
 
 /// Starts a server; over HTTP the client authenticates with `token`.
+/// Like [`start`], with kernels on `gateway`.
+pub async fn start_on_gateway(
+    transport: Transport,
+    extra: &[&str],
+    gateway: gateway::Gateway,
+) -> Server {
+    start_on(
+        transport,
+        extra,
+        None,
+        Boxing::None,
+        &[],
+        tempfile::tempdir().unwrap(),
+        Some(gateway),
+    )
+    .await
+}
+
 pub async fn start_with_token(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
     start_inner(transport, extra, token, Boxing::None, &[]).await
 }
@@ -275,7 +316,27 @@ async fn start_in(
     writable: &[&std::path::Path],
     data_dir: tempfile::TempDir,
 ) -> Server {
+    start_on(transport, extra, token, boxing, writable, data_dir, None).await
+}
+
+async fn start_on(
+    transport: Transport,
+    extra: &[&str],
+    token: Option<&str>,
+    boxing: Boxing,
+    writable: &[&std::path::Path],
+    data_dir: tempfile::TempDir,
+    gateway: Option<gateway::Gateway>,
+) -> Server {
+    let gateway = match (gateway, gateway::Kind::from_env()) {
+        (Some(g), _) => Some(g),
+        (None, Some(kind)) => Some(gateway::Gateway::start(kind).await),
+        (None, None) => None,
+    };
     let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.path().display().to_string()];
+    if let Some(g) = &gateway {
+        args.extend(g.args());
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     match transport {
         Transport::Stdio => {
@@ -296,6 +357,7 @@ async fn start_in(
                 http: None,
                 pid,
                 url: None,
+                gateway,
             }
         }
         Transport::Http => {
@@ -324,12 +386,27 @@ async fn start_in(
                 http: Some(child),
                 pid,
                 url: Some(url),
+                gateway,
             }
         }
     }
 }
 
 impl Server {
+    /// The folder holding the session folders: the data folder, or on a
+    /// gateway the folder beside its kernels.
+    pub fn sessions_parent(&self) -> std::path::PathBuf {
+        match &self.gateway {
+            Some(g) => g.root.path().join("mcp-sessions"),
+            None => self.data_dir.path().to_path_buf(),
+        }
+    }
+
+    /// A session's folder, wherever its kernel runs.
+    pub fn session_folder(&self, id: &str) -> std::path::PathBuf {
+        self.sessions_parent().join(id)
+    }
+
     pub async fn call(&self, tool: &str, args: Value) -> CallToolResult {
         call(&self.client, tool, args).await
     }
@@ -375,13 +452,14 @@ impl Server {
             .expect("server did not exit")
             .unwrap();
         let _ = self.client.cancel().await;
-        start_in(
+        start_on(
             Transport::Http,
             extra,
             token,
             Boxing::None,
             &[],
             self.data_dir,
+            self.gateway.take(),
         )
         .await
     }
