@@ -87,6 +87,7 @@ T_PLOT_S = 0.5
 T_PARALLEL_CPS = 280.0
 T_SERVER_RSS_KB = 30 * 1024
 T_FAIR_RATIO = 2.0
+T_GATEWAY_RATIO = 2.0
 T_FLOOD_S_PER_300K = 10.0
 BUSY_PROCESSES = 7
 # Keeps BUSY_PROCESSES processes busy until the file `stop` appears (at most 30 s).
@@ -905,6 +906,61 @@ async def sdk_stdio(stack, binary, errlog, extra=()):
     return ours
 
 
+GATEWAY_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "target", "gateway-venv", "bin", "python")  # fmt: skip
+
+
+class KernelGateway:
+    """A Jupyter Kernel Gateway on loopback (the venv scripts/gateway-venv.sh
+    makes), its kernels running the kernel environment: the remote backend's
+    row. Output rate limits off, as the README tells deployments."""
+
+    def __init__(self, stack, kernel_python):
+        spec = temp_dir(stack, "bench-gw-spec-")
+        os.makedirs(os.path.join(spec, "kernels", "python3"))
+        with open(os.path.join(spec, "kernels", "python3", "kernel.json"), "w") as f:
+            json.dump({"argv": [kernel_python, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                       "display_name": "bench", "language": "python"}, f)  # fmt: skip
+        root = temp_dir(stack, "bench-gw-root-")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.token = "bench" + os.urandom(8).hex()
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, JUPYTER_PATH=spec, JUPYTER_DATA_DIR=os.path.join(spec, "data"),
+                   JUPYTER_CONFIG_DIR=os.path.join(spec, "config"))  # fmt: skip
+        self.proc = subprocess.Popen(
+            [GATEWAY_PYTHON, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
+             f"--KernelGatewayApp.port={port}", f"--KernelGatewayApp.auth_token={self.token}",
+             "--ZMQChannelsWebsocketConnection.limit_rate=False"],
+            cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+        stack.callback(self.stop)
+        deadline = time.monotonic() + LISTEN_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/api/kernelspecs", headers={"Authorization": f"token {self.token}"})
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the Kernel Gateway did not start")
+
+    def args(self):
+        return ["--kernel-gateway", self.url, "--gateway-token", self.token]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=SHUTDOWN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 def file_tail(f, n=30):
     def tail():
         f.seek(0)
@@ -972,11 +1028,23 @@ async def measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, 
     thin_h = await thread(ThinHttp, http_server.url, True)
     stack.callback(thin_h.close)
 
+    gw, sid_g = None, None
+    gt = res["gateway"] = {"warm_trivial_s": [], "warm_print_s": []}
+    if os.path.exists(GATEWAY_PYTHON):
+        log("stdio server with its kernels on a Jupyter Kernel Gateway")
+        gateway = await thread(KernelGateway, stack, kernel_python)
+        gw = await sdk_stdio(stack, binary, errlog, gateway.args())
+        sid_g = await gw.new()
+    else:
+        log(f"no {GATEWAY_PYTHON} (scripts/gateway-venv.sh makes it): no gateway row")
+
     sid_s, sid_h = await stdio.new(), await http.new()
     kpid = await stdio.kernel_pid(sid_s)
     for _ in range(WARMUP_CALLS):
         await stdio.call(TRIVIAL, sid_s)
         await http.call(TRIVIAL, sid_h)
+        if gw:
+            await gw.call(TRIVIAL, sid_g)
     await thread(thin_s.open_session)
     await thread(thin_h.open_session)
 
@@ -1007,7 +1075,7 @@ async def measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, 
             lambda: floor_part(start), lambda: sdk_part(stdio, sid_s, st, start),
             lambda: sdk_part(http, sid_h, ht, start), lambda: thin_part(thin_s, st, start),
             lambda: thin_part(thin_h, ht, start),
-        ]  # fmt: skip
+        ] + ([lambda: sdk_part(gw, sid_g, gt, start)] if gw else [])  # fmt: skip
         for part in parts[r % len(parts) :] + parts[: r % len(parts)]:
             await part()
     for ours, out in ((stdio, st), (http, ht)):
@@ -1112,6 +1180,17 @@ def build_rows(floor, ours, pool_pause):
                 "cost; HTTP: keep-alive, TCP_NODELAY, TCP_QUICKACK")  # fmt: skip
         row("warm `x = 1` p50, thin client", transport, "s", m["p50"], f["p50"], note=note)
         row("warm `x = 1` p95, thin client", transport, "s", m["p95"], f["p95"])
+    if ours.get("gateway", {}).get("warm_trivial_s"):
+        gw = ours["gateway"]
+        m, f = summary(gw["warm_trivial_s"]), fw["x = 1"]
+        row("warm `x = 1` p50, kernel on a Jupyter Kernel Gateway", "stdio", "s", m["p50"], f["p50"],
+            f"<= {T_GATEWAY_RATIO}x floor", m["p50"] <= T_GATEWAY_RATIO * f["p50"],
+            "WebSocket to a local Kernel Gateway, in the same interleaved rounds; floor: direct ZeroMQ "
+            "to a local kernel; compare with the local warm `x = 1` row")  # fmt: skip
+        row("warm `x = 1` p95, kernel on a Jupyter Kernel Gateway", "stdio", "s", summary(gw["warm_trivial_s"])["p95"],
+            f["p95"])  # fmt: skip
+        m = summary(gw["warm_print_s"])
+        row("warm `print(i)` p50, kernel on a Jupyter Kernel Gateway", "stdio", "s", m["p50"], fw["print(i)"]["p50"])
     m = summary(st["many_files_trivial_s"])
     row(f"warm `x = 1` p50, {MANY_FILES} files in folder", "stdio", "s", m["p50"], fw["x = 1"]["p50"],
         note="informational: change detection must not grow with the files in a session folder; "

@@ -53,6 +53,14 @@ def __mcp_install_fs(root_rel, max_files):
         return _Json({"error": type(e).__name__, "detail": str(e)})
 
     def snap():
+        # ipykernel flushes the cell's streams after the user expressions
+        # (this one runs in every call's request): flush first, so that a
+        # file the cell made its sys.stdout has its size of after the call.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
         files = []
         truncated = False
         stack = [("", root)]
