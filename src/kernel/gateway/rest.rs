@@ -16,6 +16,18 @@ pub(super) struct Rest {
     token: Option<String>,
 }
 
+/// An error with its causes (reqwest's own text leaves out why a request failed).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Kernel ids come from the server, or from our records after a restart;
 /// only plain ids are ever put in a URL.
 pub(super) fn valid_kernel_id(id: &str) -> bool {
@@ -65,7 +77,7 @@ impl Rest {
             .request(Method::GET, "/api/kernelspecs")
             .send()
             .await
-            .map_err(|e| format!("cannot reach the gateway at {}: {e}", self.base))?;
+            .map_err(|e| format!("cannot reach the gateway at {}: {}", self.base, chain(&e)))?;
         match resp.status() {
             s if s.is_success() => {}
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -110,7 +122,7 @@ impl Rest {
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("creating a kernel: {e}"))?;
+            .map_err(|e| format!("creating a kernel: {}", chain(&e)))?;
         let status = resp.status();
         if !status.is_success() {
             let text = resp.text().await.unwrap_or_default();
@@ -132,7 +144,7 @@ impl Rest {
             .request(Method::GET, &format!("/api/kernels/{id}"))
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| chain(&e))?;
         match resp.status() {
             s if s.is_success() => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
