@@ -58,6 +58,11 @@ async fn a_restarted_server_reconnects_to_the_same_kernel() {
         .await;
     let g = s.gateway.as_ref().unwrap();
     assert_eq!(g.kernels().await, before, "the kernel kept running");
+    // Its files are readable before any call (through the same kernel).
+    assert_eq!(
+        text(&s.read(&format!("kernel://{id}/kept.txt")).await.unwrap()),
+        "kept"
+    );
     let v = s.exec(&id, "x += 1\nx").await;
     assert_eq!(v["result"], "42", "{v:#}");
     let note = v["output"][0].as_str().unwrap();

@@ -210,6 +210,7 @@ impl Interpreter {
         let args: SessionArgs = parse(args)?;
         match self.registry.get(&args.session_id, &principal(&ctx)).await {
             Ok(s) => {
+                self.registry.files_ready(&s).await;
                 let files = s
                     .files()
                     .await

@@ -74,6 +74,7 @@ pub async fn read(
             None,
         )
     })?;
+    registry.files_ready(&session).await;
     let (bytes, file) = session
         .workspace
         .read_file(rel, MAX_RESOURCE_BYTES)
@@ -87,6 +88,9 @@ pub async fn read(
                 format!("{rel:?} is a folder, not a file; list_session_files lists the files"),
                 None,
             ),
+            ReadError::Unavailable(why) => {
+                McpError::internal_error(format!("cannot read {rel:?} now: {why}"), None)
+            }
             ReadError::Io(e) => {
                 tracing::warn!(session = session_id, "reading {rel:?}: {e}");
                 McpError::internal_error("could not read the file", None)

@@ -96,7 +96,35 @@ enum Ran {
     Lost(String),
 }
 
+/// What a session reconnected to its kernel says in its next result.
+const RECONNECTED: &str = "The server restarted since this session was last used; the session \
+                           reconnected to its kernel, which kept running, so its variables, \
+                           imports and files are as they were.";
+
 impl Registry {
+    /// Before a remote session's files are read or listed: they are reached
+    /// through its kernel, so a dormant session whose kernel kept running
+    /// (on the gateway) is reconnected to it now. A session in a call is
+    /// not dormant; nothing is waited for.
+    pub async fn files_ready(&self, session: &Session) {
+        if !session.workspace.is_remote() {
+            return;
+        }
+        let Ok(mut state) = session.state.try_lock() else {
+            return;
+        };
+        let Some(id) = state.dormant.as_ref().and_then(|d| d.kernel.clone()) else {
+            return;
+        };
+        if let Ok(Some(kernel)) = self.factory.resume(&id, session.workspace.root()).await {
+            state.kernel = Some(kernel);
+            state.dormant = None;
+            let state = &mut *state;
+            let _ = session.workspace.refresh(&mut state.baseline).await;
+            state.notice = Some(RECONNECTED.into());
+        }
+    }
+
     /// Starts the session's kernel and restores what `dormant` allows.
     /// Returns the note the call's result opens with.
     pub(super) async fn wake(
@@ -110,12 +138,7 @@ impl Registry {
                 Ok(Some(kernel)) => {
                     state.kernel = Some(kernel);
                     let _ = session.workspace.refresh(&mut state.baseline).await;
-                    return Ok(
-                        "The server restarted since this session was last used; the \
-                               session reconnected to its kernel, which kept running, so its \
-                               variables, imports and files are as they were."
-                            .into(),
-                    );
+                    return Ok(RECONNECTED.into());
                 }
                 Ok(None) => {
                     tracing::info!(session = %session.id, "its kernel is gone; starting a new one");

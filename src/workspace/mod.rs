@@ -68,6 +68,9 @@ pub enum ReadError {
     TooLarge { size: u64, max: u64 },
     #[error("reading failed: {0}")]
     Io(#[from] std::io::Error),
+    /// A remote folder's kernel cannot answer now (not running, busy).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Size and modification time of every file, keyed by relative path.
@@ -161,6 +164,11 @@ impl Workspace {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Beside a remote kernel: reached through the kernel ([`remote`]).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.backend, Backend::Remote(_))
     }
 
     /// Walks the folder (symlinks are not followed) and records every file.

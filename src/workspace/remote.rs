@@ -314,7 +314,7 @@ impl Remote {
                 "OSError" if detail.contains("symbolic") => ReadError::NotAFile,
                 _ => ReadError::Io(std::io::Error::other(format!("{kind}: {detail}"))),
             }),
-            Err(e) => Err(ReadError::Io(std::io::Error::other(e.to_string()))),
+            Err(e) => Err(ReadError::Unavailable(e.to_string())),
         }
     }
 
