@@ -393,6 +393,7 @@ impl Registry {
         name: Option<&str>,
     ) -> Result<ExportedNotebook, ExportError> {
         let name = name.map(notebook_name).transpose()?;
+        self.files_ready(session).await;
         let mut state = session.state.lock().await;
         if state.closed {
             return Err(SessionError::NotFound(format!("'{}'", session.id)).into());

@@ -30,6 +30,7 @@ impl Registry {
         bytes: Vec<u8>,
         overwrite: bool,
     ) -> Result<Written, UploadError> {
+        self.files_ready(session).await;
         let mut state = session.state.lock().await;
         if state.closed {
             return Err(SessionError::NotFound(format!("'{}'", session.id)).into());
