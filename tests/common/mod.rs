@@ -297,26 +297,16 @@ async fn start_inner(
     boxing: Boxing,
     writable: &[&std::path::Path],
 ) -> Server {
-    start_in(
+    start_on(
         transport,
         extra,
         token,
         boxing,
         writable,
         tempfile::tempdir().unwrap(),
+        None,
     )
     .await
-}
-
-async fn start_in(
-    transport: Transport,
-    extra: &[&str],
-    token: Option<&str>,
-    boxing: Boxing,
-    writable: &[&std::path::Path],
-    data_dir: tempfile::TempDir,
-) -> Server {
-    start_on(transport, extra, token, boxing, writable, data_dir, None).await
 }
 
 async fn start_on(
