@@ -35,5 +35,8 @@ if [ -n "$token" ]; then
   export MCP_TOKENS_FILE
 fi
 unset token
+if [ -z "${MCP_TOKENS_FILE:-}" ] && [ $# -eq 0 ]; then
+  echo "mcp-python-interpreter entrypoint: no token given: pass -e MCP_AUTH_TOKEN=... (16+ characters) or mount one and set MCP_AUTH_TOKEN_FILE" >&2
+fi
 
 exec /usr/local/bin/mcp-python-interpreter "$@"
