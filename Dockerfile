@@ -36,6 +36,13 @@ COPY target/release/mcp-python-interpreter /out/mcp-python-interpreter
 FROM ${BINARY_FROM} AS binary
 
 FROM ${RUNTIME_IMAGE} AS runtime
+# The MCP registry checks that an image names its server.json entry (there,
+# replace OWNER with the account the image is published under).
+ARG MCP_SERVER_NAME=io.github.OWNER/mcp-python-interpreter
+LABEL io.modelcontextprotocol.server.name="${MCP_SERVER_NAME}" \
+      org.opencontainers.image.title="mcp-python-interpreter" \
+      org.opencontainers.image.description="A stateful, sandboxed Python interpreter (Jupyter kernels) served over MCP" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0"
 # python3-venv: the kernels' environment is a venv; tini: PID 1 that reaps
 # whatever a kernel leaves behind; ca-certificates: HTTPS for `!pip install`.
 RUN export DEBIAN_FRONTEND=noninteractive \
