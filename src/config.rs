@@ -34,6 +34,8 @@ pub struct Config {
     pub tokens: crate::auth::Tokens,
     /// Browser origins allowed besides loopback ones (DNS-rebinding protection).
     pub allowed_origins: Vec<String>,
+    /// `Host` header values allowed besides loopback names and `host`; `*`: any.
+    pub allowed_hosts: Vec<String>,
     /// HTTP requests handled at once; more get 503.
     pub max_concurrent_requests: usize,
     /// Confine kernels (Landlock, cgroups or rlimits); off only for debugging.

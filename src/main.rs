@@ -38,7 +38,13 @@ enum Transport {
 
 /// A stateful Python interpreter (Jupyter kernels) for AI assistants, served over MCP.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Every option can also be set by the environment variable shown with it, except --no-sandbox and --provision-only.
+The first start provisions the kernels' Python environment (about a minute, once). Over HTTP, binding anything but loopback needs a token.
+Desktop clients: `mcp-python-interpreter --transport stdio`. Docs: README.md, SECURITY.md."
+)]
 struct Args {
     /// Transport to serve.
     #[arg(long, value_enum, default_value = "http", env = "MCP_TRANSPORT")]
@@ -49,19 +55,22 @@ struct Args {
     /// Port to listen on (HTTP); 0 picks a free one (printed on stderr).
     #[arg(long, default_value_t = 8000, env = "MCP_PORT")]
     port: u16,
-    /// Folder that holds one sub-folder per session [default: per-user data dir/sessions].
+    /// Folder that holds one sub-folder per session
+    /// [default: $XDG_DATA_HOME/mcp-python-interpreter/sessions, else ~/.local/share/mcp-python-interpreter/sessions].
     #[arg(long, env = "MCP_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Use this Python (it must have ipykernel) instead of the provisioned environment.
+    /// Use this Python (it must have ipykernel) instead of the provisioned environment
+    /// [default: none: the provisioned environment].
     #[arg(long, env = "MCP_PYTHON")]
     python: Option<PathBuf>,
-    /// Where the provisioned kernel environment lives [default: per-user data dir].
+    /// Where the provisioned kernel environment lives
+    /// [default: $XDG_DATA_HOME/mcp-python-interpreter, else ~/.local/share/mcp-python-interpreter].
     #[arg(long, env = "MCP_ENVS_DIR")]
     envs_dir: Option<PathBuf>,
     /// Python used to create the provisioned environment.
     #[arg(long, default_value = "python3", env = "MCP_BASE_PYTHON")]
     base_python: PathBuf,
-    /// Only provision the kernel environment, then exit.
+    /// Only provision the kernel environment, then exit [default: off; no environment variable].
     #[arg(long)]
     provision_only: bool,
     /// Seconds without use after which a session expires.
@@ -84,17 +93,35 @@ struct Args {
     /// Most live sessions; beyond it execute_code answers SessionLimitError.
     #[arg(long, default_value_t = 64, env = "MCP_MAX_SESSIONS")]
     max_sessions: usize,
-    /// Require `Authorization: Bearer TOKEN` on HTTP (at least 16 characters).
+    /// Require `Authorization: Bearer TOKEN` on HTTP (at least 16 characters)
+    /// [default: none: no token, allowed only on loopback]. Prefer the
+    /// environment variable: a command line is visible to other processes.
     #[arg(long, env = "MCP_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
-    /// File of `NAME TOKEN` lines: several principals, each owning its sessions.
+    /// File of `NAME TOKEN` lines: several principals, each owning its sessions [default: none].
     #[arg(long, env = "MCP_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
-    /// A browser origin allowed to call the HTTP endpoint, besides loopback ones (repeatable).
-    #[arg(long = "allowed-origin")]
+    /// A browser origin allowed to call the HTTP endpoint, besides loopback ones
+    /// (repeatable; the environment variable takes a comma-separated list)
+    /// [default: none: loopback origins only].
+    #[arg(
+        long = "allowed-origin",
+        env = "MCP_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     allowed_origins: Vec<String>,
+    /// Another name clients may reach this server by, as sent in the HTTP
+    /// `Host` header (repeatable): a container's or proxy's name, say;
+    /// `*` accepts any (only with tokens, where DNS rebinding gains a page
+    /// nothing) [default: none: localhost, 127.0.0.1, ::1 and --host].
+    #[arg(
+        long = "allowed-host",
+        env = "MCP_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Vec<String>,
     /// HTTP requests handled at once; more are answered 503.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "MCP_MAX_CONCURRENT_REQUESTS")]
     max_concurrent_requests: usize,
     /// What kernels may reach: `web` (outgoing TCP to ports 80 and 443 and
     /// to the proxies in HTTP_PROXY/HTTPS_PROXY/ALL_PROXY, so `!pip install`
@@ -102,10 +129,15 @@ struct Args {
     /// `full`, or `none` (a private network namespace).
     #[arg(long, value_enum, default_value = "web", env = "MCP_KERNEL_NETWORK")]
     kernel_network: KernelNetwork,
-    /// Another TCP port kernels may connect to under `--kernel-network web` (repeatable).
-    #[arg(long = "kernel-allow-port")]
+    /// Another TCP port kernels may connect to under `--kernel-network web`
+    /// (repeatable; the environment variable takes a comma-separated list) [default: none].
+    #[arg(
+        long = "kernel-allow-port",
+        env = "MCP_KERNEL_ALLOW_PORTS",
+        value_delimiter = ','
+    )]
     kernel_allow_ports: Vec<u16>,
-    /// The same as `--kernel-network none`.
+    /// The same as `--kernel-network none` [default: off].
     #[arg(long, env = "MCP_NO_NETWORK", conflicts_with = "kernel_network")]
     no_network: bool,
     /// Cores of CPU time each kernel may use (cgroup quota; fractions allowed)
@@ -119,10 +151,10 @@ struct Args {
     /// Run kernels on this Jupyter server instead of as local processes:
     /// Jupyter Server, Jupyter Kernel Gateway or Enterprise Gateway
     /// (Kubernetes), as http://HOST:PORT[/PREFIX]. Their confinement is then
-    /// the deployment's (see SECURITY.md).
+    /// the deployment's (see SECURITY.md) [default: none: local kernels].
     #[arg(long, env = "MCP_KERNEL_GATEWAY")]
     kernel_gateway: Option<String>,
-    /// The gateway's token, sent as `Authorization: token T`.
+    /// The gateway's token, sent as `Authorization: token T` [default: none].
     #[arg(long, env = "MCP_GATEWAY_TOKEN", hide_env_values = true)]
     gateway_token: Option<String>,
     /// Kernel spec the gateway starts for each session.
@@ -134,13 +166,20 @@ struct Args {
     gateway_folder: PathBuf,
     /// NAME=VALUE sent in each kernel creation's `env` (repeatable):
     /// Enterprise Gateway reads KERNEL_USERNAME, KERNEL_NAMESPACE, ...
-    #[arg(long = "gateway-env", value_parser = parse_env_pair)]
+    /// [default: none].
+    #[arg(
+        long = "gateway-env",
+        env = "MCP_GATEWAY_ENV",
+        value_delimiter = ',',
+        value_parser = parse_env_pair
+    )]
     gateway_env: Vec<(String, String)>,
     /// Longest a remote kernel may take from creation to its first answer,
     /// in seconds (a pod to schedule, an image to pull).
     #[arg(long, default_value_t = 120.0, env = "MCP_GATEWAY_START_TIMEOUT")]
     gateway_start_timeout: f64,
-    /// Do not confine kernels (no Landlock, cgroups or rlimits). For debugging only.
+    /// Do not confine kernels (no Landlock, cgroups or rlimits). For debugging only
+    /// [default: off; no environment variable, so it is never on by accident].
     #[arg(long)]
     no_sandbox: bool,
     /// Memory limit of each kernel (cgroup, or RLIMIT_DATA without cgroups): MiB,
@@ -148,10 +187,10 @@ struct Args {
     #[arg(long, default_value = "2048", env = "MCP_KERNEL_MEMORY_LIMIT", value_parser = parse_memory_limit)]
     kernel_memory_limit: u64,
     /// Processes and threads each kernel may have (cgroup pids controller).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "MCP_KERNEL_MAX_PIDS")]
     kernel_max_pids: u64,
     /// Disk quota of each session folder (also the largest single file): bytes,
-    /// or a size with a unit (500M, 1G). Default 1 GiB.
+    /// or a size with a unit (500M, 1G) [default: 1G, or --max-session-mb].
     #[arg(long, env = "MCP_MAX_SESSION_BYTES", value_parser = parse_bytes)]
     max_session_bytes: Option<u64>,
     /// The same quota in MiB (used when --max-session-bytes is not given).
@@ -167,7 +206,7 @@ struct Args {
     #[arg(long, default_value_t = 2, env = "MCP_POOL_SIZE")]
     pool_size: usize,
     /// Delete every session (folder and record) at shutdown, as an ephemeral
-    /// deployment wants; by default sessions survive restarts.
+    /// deployment wants; by default sessions survive restarts [default: off].
     #[arg(long, env = "MCP_EPHEMERAL")]
     ephemeral: bool,
     /// How a session gets its state back after a restart: `replay` (its files,
@@ -177,7 +216,7 @@ struct Args {
     /// Longest a replay after a restart may take, in seconds.
     #[arg(long, default_value_t = 120.0, env = "MCP_REPLAY_TIMEOUT")]
     replay_timeout: f64,
-    /// Modules imported in pooled kernels before use, e.g. numpy,pandas,matplotlib.
+    /// Modules imported in pooled kernels before use, e.g. numpy,pandas,matplotlib [default: none].
     #[arg(long, value_delimiter = ',', env = "MCP_PRELOAD")]
     preload: Vec<String>,
     /// Most images returned inline (MCP image content) per execute_code call:
@@ -200,7 +239,8 @@ struct Args {
     /// A host folder every kernel may read: HOST_DIR[:NAME][:rw]. Kernels find it
     /// at /mnt/NAME (NAME defaults to the folder's name), or at its own path where
     /// the server cannot make mount namespaces (e.g. when not run as root);
-    /// read-only unless `:rw`. Repeatable; MCP_MOUNTS takes a comma-separated list.
+    /// read-only unless `:rw`. Repeatable; MCP_MOUNTS takes a comma-separated list
+    /// [default: none].
     #[arg(long = "mount", env = "MCP_MOUNTS", value_delimiter = ',', value_parser = MountRequest::parse)]
     mounts: Vec<MountRequest>,
     /// Log level (error, warn, info, debug, trace), or a tracing filter.
@@ -374,6 +414,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(args.max_session_mb.saturating_mul(MIB)),
         tokens,
         allowed_origins: args.allowed_origins,
+        allowed_hosts: args.allowed_hosts,
         max_concurrent_requests: args.max_concurrent_requests,
         inherited_path: std::env::var("PATH").unwrap_or_default(),
         kernel_start_timeout: Duration::from_secs(60),

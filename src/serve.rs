@@ -75,6 +75,12 @@ pub enum ServeError {
     Mount(#[from] crate::sandbox::host_folders::MountError),
     #[error("kernel gateway: {0}")]
     Gateway(String),
+    #[error(
+        "refusing --allowed-host '*' without authentication: any web page could then reach \
+         this server through DNS rebinding. Pass --auth-token TOKEN (or --tokens-file FILE), \
+         or name the hosts"
+    )]
+    AnyHostUnauthenticated,
 }
 
 /// Runs the server until a signal (or, over stdio, the end of input).
@@ -85,6 +91,9 @@ pub async fn run(config: Config, python: Option<KernelPython>) -> Result<(), Ser
         && !is_loopback(&config.host)
     {
         return Err(ServeError::Unauthenticated(config.host.clone()));
+    }
+    if config.allowed_hosts.iter().any(|h| h == "*") && config.tokens.is_empty() {
+        return Err(ServeError::AnyHostUnauthenticated);
     }
     create_private_dir(&config.data_dir)?;
     let swept = sweep_runtime_dirs(&std::env::temp_dir());
@@ -327,8 +336,16 @@ async fn serve_http(
     if !hosts.contains(&host) {
         hosts.push(host);
     }
-    let http_config = StreamableHttpServerConfig::default()
-        .with_allowed_hosts(hosts)
+    hosts.extend(config.allowed_hosts.iter().cloned());
+    let any_host = config.allowed_hosts.iter().any(|h| h == "*");
+    let http_config = StreamableHttpServerConfig::default().with_allowed_hosts(hosts);
+    // `*`: any Host (the bearer token is what protects the endpoint then).
+    let http_config = if any_host {
+        http_config.disable_allowed_hosts()
+    } else {
+        http_config
+    };
+    let http_config = http_config
         .with_max_request_body_bytes(MAX_REQUEST_BYTES)
         .with_allowed_origins(allowed_origins(&config.allowed_origins))
         // Stateless: a request needs no MCP session (ours are interpreter

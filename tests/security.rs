@@ -133,6 +133,41 @@ async fn foreign_origins_are_refused() {
     s.stop().await;
 }
 
+/// A deployment reached by another name (a container's, a proxy's) names
+/// it with --allowed-host; other names stay refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn allowed_hosts_are_accepted_and_others_refused() {
+    let s = start_boxed(
+        Transport::Http,
+        &["--allowed-host", "mcp.internal:8000"],
+        None,
+    )
+    .await;
+    let url = s.url.clone().unwrap();
+    assert_ne!(
+        raw_status(&url, &[("Host", "mcp.internal:8000")]).await,
+        403
+    );
+    assert_eq!(raw_status(&url, &[("Host", "evil.example")]).await, 403);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn any_host_needs_tokens() {
+    let data = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(common::BIN)
+        .args(["--transport", "http", "--port", "0", "--allowed-host", "*"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--allowed-host '*'"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn public_bind_without_auth_refuses_to_start() {
     let data = tempfile::tempdir().unwrap();

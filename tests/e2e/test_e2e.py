@@ -6,6 +6,12 @@ tests never build it. Run with:
 
     python -m pytest tests/e2e -v
 
+Against a server that is already running (the container test,
+scripts/container-test), set ``MCP_PI_URL`` (its endpoint), ``MCP_PI_TOKEN``
+(its bearer token) and ``MCP_PI_DATA_DIR`` (its session folder as seen from
+here): the HTTP scenarios then run against it, and tests that must start a
+server of their own (stdio, other flags) are skipped, saying so.
+
 No pytest plugins are needed: each test is a plain sync function that runs its
 async body with ``asyncio.run`` under an overall time bound.
 """
@@ -27,11 +33,20 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 from mcp.types import BlobResourceContents, CallToolResult, TextContent, TextResourceContents
 
 BIN = os.environ.get("MCP_PI_BIN", "/work/main/target/debug/mcp-python-interpreter")
+
+# A server already running elsewhere (a container): endpoint, token, and its
+# session folder as seen from this machine (a bind mount).
+REMOTE_URL = os.environ.get("MCP_PI_URL") or None
+REMOTE_TOKEN = os.environ.get("MCP_PI_TOKEN", "")
+REMOTE_DATA_DIR = os.environ.get("MCP_PI_DATA_DIR", "")
+STARTS_OWN_SERVER = "MCP_PI_URL is set: this test starts a server of its own, so it is left to the local suite"
 
 # Generous bounds: the first call of a session starts a Jupyter kernel, and
 # importing matplotlib/pandas for the first time can be slow on a cold cache.
@@ -173,6 +188,8 @@ class HttpServer:
 
 @contextlib.contextmanager
 def http_server(data_dir: Path, extra_args: tuple[str, ...] = ()) -> Iterator[HttpServer]:
+    if REMOTE_URL:
+        pytest.skip(STARTS_OWN_SERVER)
     server = HttpServer(data_dir, extra_args)
     try:
         yield server
@@ -188,12 +205,22 @@ def http_server(data_dir: Path, extra_args: tuple[str, ...] = ()) -> Iterator[Ht
 Scenario = Callable[[Client, Path], Awaitable[None]]
 
 
+def bearer_client(url: str, token: str) -> Client:
+    """An SDK client that sends ``Authorization: Bearer TOKEN`` on every request."""
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=CALL_TIMEOUT)
+    return Client(streamable_http_client(url, http_client=http), cache=None)
+
+
 def run_with_server(transport: str, data_dir: Path, scenario: Scenario, extra_args: tuple[str, ...] = ()) -> None:
     """Start a server on ``transport``, connect the SDK client and run ``scenario``."""
 
     async def with_client(target: StdioServerParameters | str) -> None:
         # cache=None: every request really reaches the server.
-        async with Client(target, cache=None) as client:
+        if REMOTE_URL:
+            client = bearer_client(REMOTE_URL, REMOTE_TOKEN)
+        else:
+            client = Client(target, cache=None)
+        async with client:
             print(f"{transport}: negotiated protocol version {client.protocol_version}")
             await scenario(client, data_dir)
 
@@ -210,7 +237,13 @@ def run_with_server(transport: str, data_dir: Path, scenario: Scenario, extra_ar
                 raise
             raise leaf from None
 
-    if transport == "stdio":
+    if REMOTE_URL:
+        if transport != "http" or extra_args:
+            pytest.skip(STARTS_OWN_SERVER)
+        assert REMOTE_DATA_DIR, "MCP_PI_URL needs MCP_PI_DATA_DIR: the server's session folder as seen from here"
+        data_dir = Path(REMOTE_DATA_DIR)
+        run(REMOTE_URL)
+    elif transport == "stdio":
         params = StdioServerParameters(
             command=_binary(),
             args=["--transport", "stdio", "--data-dir", str(data_dir), *extra_args],

@@ -19,13 +19,11 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx2
 import pytest
 from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.types import ResourceTemplateReference
 
-from test_e2e import UNKNOWN_SESSION_ID, assert_ok, call, execute, http_server, run_with_server
+from test_e2e import UNKNOWN_SESSION_ID, assert_ok, bearer_client, call, execute, http_server, run_with_server
 
 QUOTA = 200_000
 TEXT = "city,sales\nZürich,12\nLyon,7\n"
@@ -169,11 +167,6 @@ def test_completions(transport: str, tmp_path: Path) -> None:
     run_with_server(transport, data_dir, completion_scenario)
 
 
-def bearer(url: str, token: str) -> Client:
-    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    return Client(streamable_http_client(url, http_client=http), cache=None)
-
-
 def test_completions_never_show_another_principals_files(tmp_path: Path) -> None:
     data_dir = tmp_path / "sessions"
     data_dir.mkdir()
@@ -182,7 +175,7 @@ def test_completions_never_show_another_principals_files(tmp_path: Path) -> None
     tokens.write_text(f"alice {alice}\nbob {bob}\n")
 
     async def scenario(url: str) -> None:
-        async with bearer(url, alice) as a, bearer(url, bob) as b:
+        async with bearer_client(url, alice) as a, bearer_client(url, bob) as b:
             sid = await make_files(a)
             assert (await complete(a, "", sid)).values == FILES
             assert (await complete(b, "", sid)).values == []
