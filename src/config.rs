@@ -66,6 +66,9 @@ pub struct Config {
     pub max_output_chars: usize,
     /// The server's own PATH, which kernels get after their environment's `bin`.
     pub inherited_path: String,
+    /// The variables of the server's environment kernels get (an allowlist:
+    /// locale, time zone, proxies, CA bundles, package index settings).
+    pub kernel_inherited_env: Vec<(String, String)>,
     /// How long a kernel may take to start.
     pub kernel_start_timeout: Duration,
     /// Images returned inline with execute_code results (count and size).

@@ -248,6 +248,31 @@ struct Args {
     log_level: String,
 }
 
+/// Variables of ours a kernel gets: what programs in a cell need to behave
+/// as on this machine (locale, time zone, proxies, certificates, the package
+/// index). Nothing else: our own settings hold tokens (`MCP_AUTH_TOKEN`).
+fn kernel_may_inherit(name: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TERM",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "PIP_INDEX_URL",
+        "PIP_EXTRA_INDEX_URL",
+        "PIP_TRUSTED_HOST",
+        "PIP_CERT",
+    ];
+    name.starts_with("LC_") || NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
 /// `NAME=VALUE` for `--gateway-env`.
 fn parse_env_pair(raw: &str) -> Result<(String, String), String> {
     match raw.split_once('=') {
@@ -417,6 +442,9 @@ fn main() -> anyhow::Result<()> {
         allowed_hosts: args.allowed_hosts,
         max_concurrent_requests: args.max_concurrent_requests,
         inherited_path: std::env::var("PATH").unwrap_or_default(),
+        kernel_inherited_env: std::env::vars()
+            .filter(|(k, _)| kernel_may_inherit(k))
+            .collect(),
         kernel_start_timeout: Duration::from_secs(60),
         inline_images: InlineBudget {
             max_images: args.inline_images,

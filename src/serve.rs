@@ -177,7 +177,7 @@ pub async fn run(config: Config, python: Option<KernelPython>) -> Result<(), Ser
                 LocalKernelConfig {
                     python: python.python.clone(),
                     runtime_dir: runtime_dir.clone(),
-                    env: kernel_env(&python, &config.inherited_path),
+                    env: kernel_env(&python, &config),
                     start_timeout: config.kernel_start_timeout,
                     mpl_cache: python.mpl_config.clone(),
                     sandbox,
@@ -588,8 +588,16 @@ fn unconfined_host_folders(
 }
 
 /// Environment of every kernel.
-fn kernel_env(python: &KernelPython, inherited_path: &str) -> HashMap<String, String> {
-    let mut env = HashMap::new();
+/// A kernel's whole environment: what `main` let through from ours (locale,
+/// time zone, proxies, CA bundles, package index; never tokens or our own
+/// settings), PATH with the environment's `bin` first, and our settings.
+fn kernel_env(python: &KernelPython, config: &Config) -> HashMap<String, String> {
+    let inherited_path = &config.inherited_path;
+    let mut env: HashMap<String, String> = config.kernel_inherited_env.iter().cloned().collect();
+    env.insert("PATH".into(), inherited_path.clone());
+    // Kernels' uids have no account; some libraries ask who the user is.
+    env.insert("USER".into(), "kernel".into());
+    env.insert("LOGNAME".into(), "kernel".into());
     if let Some(bin) = &python.bin_dir {
         env.insert("PATH".into(), format!("{}:{inherited_path}", bin.display()));
         if let Some(venv) = bin.parent() {

@@ -133,6 +133,42 @@ async fn foreign_origins_are_refused() {
     s.stop().await;
 }
 
+/// A kernel gets none of the server's environment but what it needs
+/// (locale, proxies, certificates): not the token, not our settings.
+#[tokio::test(flavor = "multi_thread")]
+async fn kernels_do_not_inherit_the_servers_secrets() {
+    use rmcp::ServiceExt;
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(common::BIN);
+    cmd.args(["--transport", "stdio", "--pool-size", "0", "--data-dir"])
+        .arg(data.path())
+        .env("MCP_AUTH_TOKEN", "leaky-token-0123456789abcdef")
+        .env("MCP_SESSION_TIMEOUT", "600")
+        .env("AWS_SECRET_ACCESS_KEY", "also-secret")
+        .env("LC_ALL", "C.UTF-8")
+        .env("HTTPS_PROXY", "http://proxy.example:3128")
+        .env("LOG_LEVEL", "error");
+    let (proc, _) = rmcp::transport::TokioChildProcess::builder(cmd)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let client = ().serve(proc).await.unwrap();
+    let r = common::call(
+        &client,
+        "execute_code",
+        json!({"session_id": "", "code": "import os, getpass\n\
+            sorted(k for k in os.environ if k.startswith('MCP') or 'SECRET' in k or 'TOKEN' in k), \
+            os.environ.get('LC_ALL'), os.environ.get('HTTPS_PROXY'), getpass.getuser()"}),
+    )
+    .await;
+    let v = r.structured_content.unwrap();
+    assert_eq!(
+        v["result"], "([], 'C.UTF-8', 'http://proxy.example:3128', 'kernel')",
+        "{v:#}"
+    );
+    let _ = client.cancel().await;
+}
+
 /// A deployment reached by another name (a container's, a proxy's) names
 /// it with --allowed-host; other names stay refused.
 #[tokio::test(flavor = "multi_thread")]

@@ -167,6 +167,9 @@ impl LocalKernelFactory {
                 let spec =
                     serde_json::to_string(&spec).map_err(|e| KernelError::Start(e.to_string()))?;
                 let mut cmd = tokio::process::Command::new(&s.exe);
+                // Nothing of the server's environment (its token may be
+                // there) reaches a kernel but what `config.env` names.
+                cmd.env_clear();
                 cmd.arg(WRAPPER_ARG)
                     .arg(&self.config.python)
                     .env(SPEC_ENV, spec)
@@ -176,7 +179,11 @@ impl LocalKernelFactory {
                     .env("PYTHONPATH", &site);
                 cmd
             }
-            None => tokio::process::Command::new(&self.config.python),
+            None => {
+                let mut cmd = tokio::process::Command::new(&self.config.python);
+                cmd.env_clear();
+                cmd
+            }
         };
         cmd.arg("-m")
             .arg("ipykernel_launcher")
