@@ -169,6 +169,36 @@ async fn kernels_do_not_inherit_the_servers_secrets() {
     let _ = client.cancel().await;
 }
 
+/// A server started under `umask 077` (a hardened shell's, a service
+/// manager's) still gives its kernels a reachable Python: the folders made
+/// for their private view are made searchable whatever the umask.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_strict_umask_does_not_stop_kernels() {
+    use rmcp::ServiceExt;
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("umask 077; exec \"$0\" \"$@\"")
+        .arg(common::BIN)
+        .args(["--transport", "stdio", "--pool-size", "0", "--data-dir"])
+        .arg(data.path())
+        .env("LOG_LEVEL", "error");
+    let (proc, _) = rmcp::transport::TokioChildProcess::builder(cmd)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let client = ().serve(proc).await.unwrap();
+    let r = common::call(
+        &client,
+        "execute_code",
+        json!({"session_id": "", "code": "import os\nopen('f', 'w').write('x')\noct(os.stat('f').st_mode & 0o777)"}),
+    )
+    .await;
+    let v = r.structured_content.unwrap();
+    assert_eq!(v["success"], true, "{v:#}");
+    let _ = client.cancel().await;
+}
+
 /// A deployment reached by another name (a container's, a proxy's) names
 /// it with --allowed-host; other names stay refused.
 #[tokio::test(flavor = "multi_thread")]

@@ -50,7 +50,20 @@ fn io(e: nix::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }
 
+/// The kernel's private view of the file system. The folders made for it
+/// (mount points on masking tmpfs, kept paths) must be searchable by the
+/// kernel's uid whatever umask the server was started with (under `umask
+/// 077` they would be root's alone and no kernel could reach Python), so
+/// they are made under umask 022, and the caller's umask is restored.
 pub(super) fn private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, SandboxError> {
+    use nix::sys::stat::{Mode, umask};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    let view = make_private_view(spec, pid1);
+    umask(old);
+    view
+}
+
+fn make_private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, SandboxError> {
     let fail = |p: &Path, e: std::io::Error| SandboxError::Mask(p.to_path_buf(), e);
     let root = Path::new("/");
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| fail(root, io(e)))?;
