@@ -250,7 +250,8 @@ struct Args {
 
 /// Variables of ours a kernel gets: what programs in a cell need to behave
 /// as on this machine (locale, time zone, proxies, certificates, the package
-/// index). Nothing else: our own settings hold tokens (`MCP_AUTH_TOKEN`).
+/// index, pip's settings). Nothing else: our own settings hold tokens
+/// (`MCP_AUTH_TOKEN`).
 fn kernel_may_inherit(name: &str) -> bool {
     const NAMES: &[&str] = &[
         "LANG",
@@ -265,12 +266,12 @@ fn kernel_may_inherit(name: &str) -> bool {
         "SSL_CERT_DIR",
         "REQUESTS_CA_BUNDLE",
         "CURL_CA_BUNDLE",
-        "PIP_INDEX_URL",
-        "PIP_EXTRA_INDEX_URL",
-        "PIP_TRUSTED_HOST",
-        "PIP_CERT",
     ];
-    name.starts_with("LC_") || NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+    // PIP_*: pip's configuration (index, certificates, find-links), which
+    // `!pip install` in a cell needs to work as it does on this machine.
+    name.starts_with("LC_")
+        || name.starts_with("PIP_")
+        || NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// `NAME=VALUE` for `--gateway-env`.
