@@ -8,6 +8,7 @@
 
 mod actor;
 pub mod local;
+mod template;
 
 use std::future::Future;
 use std::path::Path;
