@@ -330,7 +330,7 @@ def _fork(req):
 
 
 def main():
-    modules = [m for m in sys.argv[1:] if m]
+    modules = [m for m in sys.argv[2:] if m]  # after our name (a marker)
     # The control pipe gets its own descriptors; whatever an import prints
     # goes to stderr. (Both are closed in every kernel.)
     control_in = os.fdopen(os.dup(0), "rb")

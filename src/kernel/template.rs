@@ -44,6 +44,9 @@ use tokio_util::task::TaskTracker;
 
 /// The template program, run with `python -c`.
 const TEMPLATE_CODE: &str = include_str!("template.py");
+/// The template's first argument: names it in `ps` (and so in what its
+/// kernels' command lines show: they are forks of it).
+const MARKER: &str = "mcp-python-interpreter-kernel-template";
 /// Longest a template may take to import its modules.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest one fork may take (the kernel confines itself meanwhile).
@@ -256,6 +259,7 @@ async fn spawn(config: &TemplateConfig) -> Result<Running, String> {
     let mut cmd = tokio::process::Command::new(&config.python);
     cmd.arg("-c")
         .arg(TEMPLATE_CODE)
+        .arg(MARKER)
         .args(&config.modules)
         .current_dir(&config.dir)
         .envs(&config.env)
