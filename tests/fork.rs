@@ -132,7 +132,7 @@ async fn forked_kernels_cannot_reach_siblings_or_the_template() {
         .await;
     // Nothing but the kernel itself (whose threads' ids are skipped).
     assert_eq!(result(&v), "[]", "signallable: {v}; visible {visible}");
-    assert!(common::wait_gone(victim_pid, Duration::from_millis(300)).await == false);
+    assert!(!common::wait_gone(victim_pid, Duration::from_millis(300)).await);
     assert!(std::path::Path::new(&format!("/proc/{template}")).exists());
 
     // Who the kernel is: its own uid, no groups, no privileges, no way back.
