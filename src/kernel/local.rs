@@ -232,6 +232,7 @@ impl LocalKernelFactory {
             // The wrapper's stdin is its lifeline to us (see the module doc).
             cmd.stdin(Stdio::piped());
         }
+        let started = std::time::Instant::now();
         let mut child = match spawn(cmd, pid_ns).await {
             Ok(c) => c,
             Err(e) => {
@@ -271,7 +272,13 @@ impl LocalKernelFactory {
                 argv: kernel_args.clone(),
             };
             let word = match self.fork_into(&mut child, template, request).await {
-                Ok(ns_pid) => format!("pid {ns_pid}\n"),
+                Ok(ns_pid) => {
+                    tracing::debug!(
+                        "kernel forked {:?} after its wrapper started",
+                        started.elapsed()
+                    );
+                    format!("pid {ns_pid}\n")
+                }
                 Err(e) => {
                     tracing::warn!("launching a kernel instead of forking it: {e}");
                     "launch\n".to_string()
@@ -315,7 +322,13 @@ impl LocalKernelFactory {
         let actor = Actor::new(child, rx, self.shutdown.child_token(), exited.clone());
         self.tracker.spawn(actor.run(files, ready_tx));
         match ready_rx.await {
-            Ok(Ok(())) => Ok(KernelHandle::new(tx, pid, exited)),
+            Ok(Ok(())) => {
+                tracing::debug!(
+                    "kernel ready {:?} after its wrapper started",
+                    started.elapsed()
+                );
+                Ok(KernelHandle::new(tx, pid, exited))
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(KernelError::Start(
                 "kernel task ended during start-up".into(),

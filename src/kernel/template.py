@@ -35,6 +35,33 @@ def _fail(msg):
     sys.stderr.flush()
 
 
+# What a kernel's start imports besides (found by comparing sys.modules of a
+# template and of a kernel just started): the debugger (debugpy, about a
+# hundred modules), IPython's inspector and magics' helpers, tornado's
+# queues. Imported by the template once it is ready, while no request
+# waits, so they are shared by the kernels forked after that instead of
+# private to each, without delaying the first kernel.
+_EXTRAS = [
+    "IPython.core.completer",
+    "IPython.core.completerlib",
+    "IPython.core.debugger",
+    "IPython.core.logger",
+    "IPython.core.oinspect",
+    "IPython.extensions.storemagic",
+    "IPython.utils.wildcard",
+    "ipykernel.debugger",
+    "tornado.gen",
+    "tornado.locks",
+    "tornado.queues",
+    "tornado.platform.asyncio",
+    "faulthandler",
+    "pdb",
+    "resource",
+    "encodings.idna",
+    "encodings.latin_1",
+]
+
+
 def _preload(modules):
     # What a launched kernel gets from ipykernel: the inline backend as
     # matplotlib's default.
@@ -42,8 +69,6 @@ def _preload(modules):
     import ipykernel.kernelapp  # noqa: F401
     import ipykernel.ipkernel  # noqa: F401
     import ipykernel.zmqshell  # noqa: F401
-    import IPython.core.completer  # noqa: F401
-
     for name in modules:
         try:
             if name == "matplotlib":
@@ -202,12 +227,23 @@ def _become_kernel(req, report):
             np.random.seed()
         except Exception:
             pass
+    # multiprocessing's authentication key (made from os.urandom when it is
+    # imported) guards a Manager's or Listener's connections: a sibling must
+    # not know it.
+    mp = sys.modules.get("multiprocessing.process")
+    if mp is not None:
+        try:
+            mp.current_process().authkey = os.urandom(32)
+        except Exception:
+            pass
     os.environ.update(req["env"])
     site = req["env"].get("PYTHONPATH")
     # `python -m` puts the working folder first; PYTHONPATH comes next.
     sys.path[0:1] = [req["cwd"]] + ([site] if site else [])
     sys.argv = ["ipykernel_launcher"] + req["argv"]
-    gc.unfreeze()
+    # The template's objects stay frozen (never scanned by the cyclic GC),
+    # or a kernel's first full collection would write every one of them,
+    # copying their pages. Only the kernel's own objects are collected.
     gc.enable()
     os.write(report, f"ok {os.getpid()}\n".encode())
     os.close(report)
@@ -333,7 +369,7 @@ def main():
     modules = [m for m in sys.argv[2:] if m]  # after our name (a marker)
     # The control pipe gets its own descriptors; whatever an import prints
     # goes to stderr. (Both are closed in every kernel.)
-    control_in = os.fdopen(os.dup(0), "rb")
+    control_in = os.dup(0)
     out = os.fdopen(os.dup(1), "wb")
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
@@ -348,7 +384,29 @@ def main():
     gc.freeze()
     out.write(b'{"ready": true}\n')
     out.flush()
-    for raw in control_in:
+    import select
+
+    extras = list(_EXTRAS)
+    pending = b""
+    while True:
+        if b"\n" not in pending:
+            idle = extras and not select.select([control_in], [], [], 0)[0]
+            if idle:
+                name = extras.pop(0)
+                try:
+                    __import__(name)
+                except Exception as e:
+                    _fail(f"cannot import {name}: {e!r}")
+                if not extras:
+                    gc.collect()
+                    gc.freeze()
+                continue
+            chunk = os.read(control_in, 65536)
+            if not chunk:
+                return  # the server is gone
+            pending += chunk
+            continue
+        raw, pending = pending.split(b"\n", 1)
         try:
             reply = _fork(json.loads(raw))
         except Exception as e:
