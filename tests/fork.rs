@@ -173,24 +173,23 @@ async fn forked_kernels_cannot_reach_siblings_or_the_template() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn forked_sessions_draw_different_random_numbers() {
+async fn forked_sessions_draw_different_random_numbers_and_keys() {
     let s = start_boxed(Transport::Stdio, &[], None).await;
     wait_template(s.pid, None).await;
-    let draw =
-        "import random, numpy, sys\n(random.random(), numpy.random.rand(), random.getrandbits(64))";
+    let draw = "import random, numpy, multiprocessing\n\
+                print(random.random(), numpy.random.rand(), random.getrandbits(64), \
+                multiprocessing.current_process().authkey.hex(), sep='|')";
     let mut seen = Vec::new();
     for _ in 0..3 {
         let (id, v) = s.new_session(draw).await;
         assert!(is_forked(kernel_pid(&id).unwrap()));
-        let r = result(&v);
-        let parts: Vec<String> = r
-            .trim_matches(|c| c == '(' || c == ')')
-            .split(", ")
-            .map(str::to_string)
-            .collect();
+        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+        let r = out.concat();
+        let parts: Vec<String> = r.trim().split('|').map(str::to_string).collect();
+        assert_eq!(parts.len(), 4, "{r}");
         for earlier in &seen {
             let earlier: &Vec<String> = earlier;
-            for i in 0..3 {
+            for i in 0..4 {
                 assert_ne!(earlier[i], parts[i], "draw {i} repeated: {r}");
             }
         }
