@@ -288,7 +288,12 @@ async fn spawn(config: &TemplateConfig) -> Result<Running, String> {
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                tracing::debug!(target: "kernel_template", "{line}");
+                // The template's own complaints (a module it cannot import,
+                // a thread where none may be) are worth a warning.
+                match line.strip_prefix("mcp-python-interpreter kernel template: ") {
+                    Some(msg) => tracing::warn!("kernel template: {msg}"),
+                    None => tracing::debug!(target: "kernel_template", "{line}"),
+                }
             }
         });
     }
