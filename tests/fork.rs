@@ -250,3 +250,53 @@ async fn a_killed_template_is_replaced() {
     }
     s.stop().await;
 }
+
+/// A template that may not fork (a preloaded module starts a thread at
+/// import, so forking would copy a process with locks held) refuses and
+/// exits; kernels are then launched, at once after that first failure, and
+/// sessions work as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_template_that_may_not_fork_gives_way_to_launched_kernels() {
+    use rmcp::ServiceExt;
+    use rmcp::transport::TokioChildProcess;
+
+    let modules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        modules.path().join("mcp_test_thread_at_import.py"),
+        "import threading, time\n\
+         threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(common::BIN);
+    cmd.args(["--transport", "stdio", "--data-dir"])
+        .arg(data.path())
+        .args(["--preload", "numpy,mcp_test_thread_at_import"])
+        // Seen by the template (the server's environment), not by kernels
+        // (the sandbox sets their PYTHONPATH).
+        .env("PYTHONPATH", modules.path())
+        .env("LOG_LEVEL", "error");
+    let (proc, _) = TokioChildProcess::builder(cmd)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let client = ().serve(proc).await.expect("connect over stdio");
+    let started = std::time::Instant::now();
+    let v = common::call(
+        &client,
+        "execute_code",
+        serde_json::json!({"code": "import sys\n'numpy' in sys.modules", "session_id": ""}),
+    )
+    .await
+    .structured_content
+    .unwrap();
+    assert_eq!(result(&v), "True");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the first session waited {:?}",
+        started.elapsed()
+    );
+    let id = v["session_id"].as_str().unwrap();
+    assert!(!is_forked(kernel_pid(id).unwrap()), "a kernel was forked");
+    let _ = client.cancel().await;
+}

@@ -155,24 +155,41 @@ async fn own(
             }
             return;
         }
-        if failures > 0 {
-            let pause = Duration::from_millis(250 * 2u64.pow(failures));
+        // After a failure, kernels asked for meanwhile are launched at once
+        // rather than kept waiting for a template that may fail again. (A
+        // first start, or a replacement after a healthy template died, is
+        // waited for: it is ready sooner than a launched kernel would be.)
+        let impatient = failures > 0;
+        let pause = tokio::time::sleep(if impatient {
+            Duration::from_millis(250 * 2u64.pow(failures))
+        } else {
+            Duration::ZERO
+        });
+        let started = tokio::time::Instant::now();
+        let spawned = async {
+            pause.await;
+            spawn(&config).await
+        };
+        tokio::pin!(spawned);
+        let spawned = loop {
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                r = &mut spawned => break r,
+                req = requests.recv(), if impatient => match req {
+                    Some((_, reply)) => {
+                        let _ = reply.send(Err(TemplateError::Unavailable));
+                    }
+                    None => return,
+                },
                 _ = cancel.cancelled() => return,
             }
-        }
-        let started = tokio::time::Instant::now();
-        let mut running = tokio::select! {
-            r = spawn(&config) => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!("kernel template did not start: {e}");
-                    continue;
-                }
-            },
-            _ = cancel.cancelled() => return,
+        };
+        let mut running = match spawned {
+            Ok(r) => r,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!("kernel template did not start: {e}");
+                continue;
+            }
         };
         tracing::info!(
             "kernel template {}: {} imported in {:.2} s; new kernels are forked from it",
