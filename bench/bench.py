@@ -49,12 +49,12 @@ import urllib.parse
 FULL = dict(
     kernel_starts=5, graceful_shutdowns=2, new_sessions=10, warm_calls=300, warm_rounds=4, noop_calls=100,
     nagle_calls=20, plot_calls=20, par_sessions=8, par_calls=20, par_reps=3, many_files_calls=100,
-    fair_calls=100, flood_lines=300_000,
+    fair_calls=100, flood_lines=300_000, first_calls=5, cold_starts=3, burst_sessions=40,
 )  # fmt: skip
 QUICK = dict(
     kernel_starts=2, graceful_shutdowns=1, new_sessions=3, warm_calls=40, warm_rounds=2, noop_calls=20,
     nagle_calls=5, plot_calls=5, par_sessions=8, par_calls=5, par_reps=1, many_files_calls=10,
-    fair_calls=20, flood_lines=30_000,
+    fair_calls=20, flood_lines=30_000, first_calls=2, cold_starts=1, burst_sessions=16,
 )  # fmt: skip
 WARMUP_CALLS = 20  # untimed calls before a warm-latency series
 CALL_TIMEOUT = 60.0  # one execute_code / one raw execution
@@ -78,6 +78,16 @@ MAKE_FILES = (
     "import os\nfor d in range(50):\n    os.makedirs(f'many/{d}', exist_ok=True)\n"
     "    for i in range(100):\n        open(f'many/{d}/{i}.txt', 'w').write('x')"
 )
+
+# Issue 13: a data user's first call, a cold start, an idle session's memory, bursts.
+TEMPLATE_MARKER = b"mcp-python-interpreter-kernel-template"  # as src/kernel/template.rs
+STACK_IMPORT = "import pandas, numpy, matplotlib.pyplot"
+STACK_CELL = "import pandas, numpy, matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()"
+SETTLE_S = 8.0  # "server up for a while": template imported, pool filled
+T_FIRST_CALL_S = 0.150
+T_COLD_EXTRA_S = 0.2
+T_IDLE_USS_KB = 20 * 1024
+T_BURST_PER_S = 40.0
 
 # Targets (see the table): ratios are ours / floor.
 T_WARM_STDIO_RATIO = 1.0
@@ -145,11 +155,24 @@ def kernel_pid_by_folder(sid):
         try:
             with open(f"/proc/{p}/cmdline", "rb") as f:
                 cmd = f.read()
-            if b"ipykernel_launcher" in cmd and b"__kernel-sandbox" not in cmd and os.readlink(f"/proc/{p}/cwd").endswith(sid):
+            # Launched, or forked from the kernel template (keeps its command line).
+            is_kernel = b"ipykernel_launcher" in cmd or TEMPLATE_MARKER in cmd
+            if is_kernel and b"__kernel-sandbox" not in cmd and os.readlink(f"/proc/{p}/cwd").endswith(sid):
                 return int(p)
         except OSError:
             pass
     return None
+
+
+def uss_kb(pid):
+    """Unique set size: the Private_* lines of /proc/PID/smaps_rollup (pages
+    no other process maps; copy-on-write pages shared with the template are
+    not counted until written)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) for line in f if line.startswith("Private_"))
+    except (OSError, TypeError, ValueError):
+        return None
 
 
 def parent_pid(pid):
@@ -996,6 +1019,13 @@ async def measure_ours(binary, kernel_python, n, pool, pause):
         async with contextlib.AsyncExitStack() as stack:
             await measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, n)
 
+    for mode, extra in (("fork", ()), ("launch", ("--no-fork",))):
+        with tempfile.TemporaryFile("w+") as errlog, stderr_tails_on_error() as logs:
+            async with contextlib.AsyncExitStack() as stack:
+                log(f"data user, default flags{' + ' + ' '.join(extra) if extra else ''}: first calls, cold starts, burst")
+                logs.append((f"{mode} server", file_tail(errlog)))
+                res[f"stack_{mode}"] = await measure_stack(stack, binary, kernel_python, errlog, extra, n)
+
     if pool:
         with tempfile.TemporaryFile("w+") as errlog, stderr_tails_on_error() as logs:
             async with contextlib.AsyncExitStack() as stack:
@@ -1005,6 +1035,67 @@ async def measure_ours(binary, kernel_python, n, pool, pause):
                 new, clears = await pooled.new_sessions(n["new_sessions"], pause=pause)
                 res["stdio_pool"] = {"new_session_s": new, "clear_session_s": clears}
     return res
+
+
+def bare_import_s(kernel_python):
+    """`python -c 'import pandas, numpy, matplotlib.pyplot'`: the floor of a cold start."""
+    t0 = time.perf_counter()
+    subprocess.run([kernel_python, "-c", STACK_IMPORT], check=True, env=server_env(), timeout=FLOOR_TIMEOUT)
+    return time.perf_counter() - t0
+
+
+async def measure_stack(stack, binary, kernel_python, errlog, extra, n):
+    """Issue 13's rows for one way of starting kernels (default flags plus `extra`)."""
+    out = {"first_call_s": [], "idle_uss_kb": [], "idle_session_uss_kb": [], "cold_first_call_s": [],
+           "bare_import_s": []}  # fmt: skip
+    # A cold start: the server's process started, its first call answered;
+    # interleaved with the bare import, so drift hits both alike.
+    for _ in range(n["cold_starts"]):
+        out["bare_import_s"].append(await thread(bare_import_s, kernel_python))
+        async with contextlib.AsyncExitStack() as cold:
+            t0 = time.perf_counter()
+            ours = await sdk_stdio(cold, binary, errlog, extra)
+            t, s = await ours.call(STACK_CELL, "")
+            out["cold_first_call_s"].append(time.perf_counter() - t0)
+            check_png(s)
+    ours = await sdk_stdio(stack, binary, errlog, extra)
+    for _ in range(n["first_calls"]):
+        await asyncio.sleep(SETTLE_S)
+        t, s = await ours.call(STACK_CELL, "")
+        check_png(s)
+        out["first_call_s"].append(t)
+        pid = await ours.kernel_pid(s["session_id"])
+        out["idle_uss_kb"].append(uss_kb(pid))
+        wrapper = parent_pid(pid)
+        out["idle_session_uss_kb"].append((uss_kb(pid) or 0) + (uss_kb(wrapper) or 0))
+        out.setdefault("forked", []).append(kernel_is_forked(pid))
+        await ours.clear(s["session_id"])
+    # A burst beyond the pool: sessions asked for as fast as 8 clients can.
+    await asyncio.sleep(SETTLE_S)
+    sem = asyncio.Semaphore(8)
+
+    async def one():
+        async with sem:
+            return await ours.new()
+
+    t0 = time.perf_counter()
+    sids = await asyncio.gather(*(one() for _ in range(n["burst_sessions"])))
+    out["burst"] = {"sessions": len(sids), "seconds": time.perf_counter() - t0}
+    await asyncio.gather(*(ours.clear(sid) for sid in sids))
+    return out
+
+
+def check_png(s):
+    if not any(f.get("mime_type") == "image/png" for f in s.get("files") or []):
+        raise RuntimeError(f"the plot listed no PNG: {s}")
+
+
+def kernel_is_forked(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return TEMPLATE_MARKER in f.read()
+    except (OSError, TypeError):
+        return None
 
 
 async def measure_main(stack, logs, errlog, res, st, ht, binary, kernel_python, n):
@@ -1228,6 +1319,31 @@ def build_rows(floor, ours, pool_pause):
             f"one cell `{FLOOD.format(n='N')}`; output bounded, its tail checked; floor: the same cell on a raw "
             f"kernel, to its idle (received {f['lines_received']} of {f['lines']} lines in {f['messages']} "
             "messages: its PUB socket drops beyond the high-water mark)")  # fmt: skip
+
+    fork, launch = ours.get("stack_fork"), ours.get("stack_launch")
+    if fork and launch:
+        forked = all(fork.get("forked") or [False])
+        note = "kernels forked from the template" if forked else "NOTE: kernels were launched (no fork on this host)"
+        f, l = summary(fork["first_call_s"]), summary(launch["first_call_s"])
+        row("first call, new session: pandas+numpy+pyplot, plot, show(), p50", "stdio", "s", f["p50"], l["p50"],
+            f"<= {T_FIRST_CALL_S * 1000:.0f} ms", f["p50"] <= T_FIRST_CALL_S,
+            f"{note}; server up {SETTLE_S:.0f} s; floor column: the same with --no-fork (launched kernels)")  # fmt: skip
+        c, cl, b = summary(fork["cold_first_call_s"]), summary(launch["cold_first_call_s"]), summary(
+            fork["bare_import_s"] + launch["bare_import_s"])
+        row("the same as the server's first call, p50", "stdio", "s", c["p50"], b["p50"],
+            f"<= floor + {T_COLD_EXTRA_S} s", c["p50"] <= b["p50"] + T_COLD_EXTRA_S,
+            f"from the server's start to the answer; floor: bare `python -c '{STACK_IMPORT}'`; "
+            f"--no-fork: {cl['p50']:.2f} s")  # fmt: skip
+        fu, lu = summary(fork["idle_session_uss_kb"]), summary(launch["idle_session_uss_kb"])
+        row("idle session after those imports, USS", "stdio", "kB", fu["p50"], lu["p50"],
+            f"<= {T_IDLE_USS_KB // 1024} MB", fu["p50"] <= T_IDLE_USS_KB,
+            f"Private_* of smaps_rollup, kernel + its wrapper (kernel alone: "
+            f"{summary(fork['idle_uss_kb'])['p50']:.0f} kB); floor column: --no-fork")  # fmt: skip
+        fb, lb = fork["burst"], launch["burst"]
+        rate, lrate = fb["sessions"] / fb["seconds"], lb["sessions"] / lb["seconds"]
+        row(f"burst of {fb['sessions']} new sessions (pool {POOL_SIZE})", "stdio", "sessions/s", rate, lrate,
+            f">= {T_BURST_PER_S:.0f}/s", rate >= T_BURST_PER_S,
+            "8 clients asking at once, first call `x = 1` each; floor column: --no-fork")  # fmt: skip
 
     fpar = floor["parallel"]
     for transport, o in (("stdio", st), ("http", ht)):

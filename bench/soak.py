@@ -52,6 +52,26 @@ def server_rss_kb(pid):
         return None
 
 
+def kernels_in(data_dir):
+    """(forked, launched): live kernels working in a folder of `data_dir`,
+    told apart by their command line (a forked kernel keeps the template's)."""
+    forked = launched = 0
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{p}/cmdline", "rb").read()
+            if b"__kernel-sandbox" in cmd or not os.readlink(f"/proc/{p}/cwd").startswith(data_dir):
+                continue
+        except OSError:
+            continue
+        if b"mcp-python-interpreter-kernel-template" in cmd:
+            forked += 1
+        elif b"ipykernel_launcher" in cmd:
+            launched += 1
+    return forked, launched
+
+
 def find_server_pid(data_dir):
     out = subprocess.run(["pgrep", "-f", "--", f"--data-dir {data_dir}"], capture_output=True, text=True).stdout
     pids = [int(p) for p in out.split()]
@@ -188,6 +208,7 @@ async def main():
         await asyncio.gather(*(worker(client, per, 100 + k, stats, failures) for k in range(a.sessions)))
         elapsed = time.time() - t0
         after = server_rss_kb(pid)
+        forked, launched = kernels_in(data_dir)
     await restart_phase(params, data_dir, a.sessions, failures)
     total = sum(stats.values())
     answered = sum(v for (n, k), v in stats.items() if k == "answered")
@@ -195,6 +216,7 @@ async def main():
     for name, *_ in CELLS:
         print(f"{name:<14} {stats[(name, 'answered')]:>9} {stats[(name, 'no answer')] + stats[(name, 'malformed')]:>10}")
     print(f"\n{answered}/{total} calls answered in {elapsed:.1f} s ({total / elapsed:.0f} calls/s) across {a.sessions} sessions")
+    print(f"kernels alive at the end: {forked} forked from the template, {launched} launched")
     if None in (start, before, after):
         print("server RSS: could not find the server process")
     else:

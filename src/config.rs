@@ -62,6 +62,9 @@ pub struct Config {
     pub replay_timeout: Duration,
     /// Modules imported in pooled kernels.
     pub preload: Vec<String>,
+    /// Fork kernels from a template (where the sandbox allows) instead of
+    /// launching each.
+    pub fork_kernels: bool,
     /// Most characters of output returned per call (head and tail kept).
     pub max_output_chars: usize,
     /// The server's own PATH, which kernels get after their environment's `bin`.

@@ -216,9 +216,23 @@ struct Args {
     /// Longest a replay after a restart may take, in seconds.
     #[arg(long, default_value_t = 120.0, env = "MCP_REPLAY_TIMEOUT")]
     replay_timeout: f64,
-    /// Modules imported in pooled kernels before use, e.g. numpy,pandas,matplotlib [default: none].
-    #[arg(long, value_delimiter = ',', env = "MCP_PRELOAD")]
+    /// Modules every new kernel starts with already imported: the kernel
+    /// template imports them once and forks kernels from it (where the server
+    /// can: root with namespaces), else pooled kernels import them ahead.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "MCP_PRELOAD",
+        default_value = "numpy,pandas,matplotlib,seaborn"
+    )]
     preload: Vec<String>,
+    /// Import nothing ahead (the same as `--preload ''`).
+    #[arg(long, env = "MCP_NO_PRELOAD", conflicts_with = "preload")]
+    no_preload: bool,
+    /// Launch every kernel as a new Python process instead of forking it from
+    /// the kernel template.
+    #[arg(long, env = "MCP_NO_FORK")]
+    no_fork: bool,
     /// Most images returned inline (MCP image content) per execute_code call:
     /// displayed figures first, then PNG/JPEG/GIF files the call wrote. 0 turns
     /// inline images off (files are still listed).
@@ -422,7 +436,15 @@ fn main() -> anyhow::Result<()> {
             RestoreMode::Files => mcp_python_interpreter::session::Restore::Files,
         },
         replay_timeout: Duration::from_secs_f64(args.replay_timeout),
-        preload: args.preload,
+        preload: if args.no_preload {
+            Vec::new()
+        } else {
+            args.preload
+                .into_iter()
+                .filter(|m| !m.trim().is_empty())
+                .collect()
+        },
+        fork_kernels: !args.no_fork,
         sandbox: !args.no_sandbox,
         kernel_network: match (args.no_network, args.kernel_network) {
             (true, _) | (_, KernelNetwork::None) => NetworkPolicy::None,

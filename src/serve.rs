@@ -181,6 +181,7 @@ pub async fn run(config: Config, python: Option<KernelPython>) -> Result<(), Ser
                     start_timeout: config.kernel_start_timeout,
                     mpl_cache: python.mpl_config.clone(),
                     sandbox,
+                    fork_modules: config.fork_kernels.then(|| config.preload.clone()),
                 },
                 shutdown.child_token(),
                 tracker.clone(),

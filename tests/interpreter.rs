@@ -558,10 +558,12 @@ async fn plotly_show_and_pip_install_work() {
 }
 
 /// Every process whose parent is `pid` (kernels, pooled ones included).
+/// The server's kernel wrappers (its children but the kernel template).
 fn children_of(pid: u32) -> Vec<i32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| !common::is_forked(p))
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/stat"))
                 .ok()

@@ -12,6 +12,13 @@
 //! told our pid through `JPY_PARENT_PID`, so that ipykernel's parent poller
 //! ends it within a second if the server dies.
 //!
+//! Where the server can (root, with PID and mount namespaces), kernels are
+//! not launched but forked from a template that has imported ipykernel and
+//! the scientific stack ([`super::template`]): the wrapper is started the
+//! same way and prepares the same namespaces, and the forked kernel becomes
+//! its child. Otherwise, or when the template cannot serve, kernels are
+//! launched.
+//!
 //! A root server runs each kernel as an unprivileged uid from a
 //! [`UidPool`]; the session folder belongs to that uid. A session keeps its
 //! uid across kernel restarts (its folder's owner says which), unless
@@ -27,15 +34,16 @@ use std::time::Duration;
 
 use jupyter_protocol::ConnectionInfo;
 use jupyter_protocol::connection_info::Transport;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::actor::{Actor, StartupFiles};
+use super::template::{ForkRequest, Template, TemplateConfig};
 use super::{BoxFuture, KernelError, KernelFactory, KernelHandle};
 use crate::sandbox::users::{UidLease, UidPool};
-use crate::sandbox::{SPEC_ENV, SYSTEM_WRITE, SandboxSpec, WRAPPER_ARG};
+use crate::sandbox::{AWAIT_FORK_ARG, SPEC_ENV, SYSTEM_WRITE, SandboxSpec, WRAPPER_ARG};
 
 /// Python run in every kernel before the user's first line (silently).
 const STARTUP_CODE: &str = include_str!("startup.py");
@@ -56,6 +64,9 @@ pub struct LocalKernelConfig {
     pub mpl_cache: Option<PathBuf>,
     /// Isolation for kernels; `None` runs them unconfined.
     pub sandbox: Option<SandboxSettings>,
+    /// Fork kernels from a template that imported these modules (besides
+    /// ipykernel), where the sandbox allows; `None` launches every kernel.
+    pub fork_modules: Option<Vec<String>>,
 }
 
 pub use crate::sandbox::plan::SandboxSettings;
@@ -69,6 +80,8 @@ pub struct LocalKernelFactory {
     shutdown: CancellationToken,
     /// Every kernel task, so shutdown can wait until the last one is gone.
     tracker: TaskTracker,
+    /// The template kernels are forked from, where forking is possible.
+    template: Option<Template>,
 }
 
 impl LocalKernelFactory {
@@ -77,11 +90,13 @@ impl LocalKernelFactory {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Self {
+        let template = start_template(&config, &shutdown, &tracker);
         Self {
             config,
             next: AtomicU64::new(1),
             shutdown,
             tracker,
+            template,
         }
     }
 
@@ -121,6 +136,11 @@ impl LocalKernelFactory {
             .map_err(|e| KernelError::Start(format!("writing {}: {e}", conn_file.display())))?;
 
         let sandbox = self.config.sandbox.as_ref();
+        // Forked kernels need the wrapper as their namespace's init.
+        let template = self
+            .template
+            .as_ref()
+            .filter(|_| sandbox.is_some_and(|s| s.pid_ns));
         let lease = match sandbox.and_then(|s| s.users.as_ref()) {
             Some(pool) => {
                 let lease = take_uid(pool, workdir, [&own]).await;
@@ -170,8 +190,11 @@ impl LocalKernelFactory {
                 // Nothing of the server's environment (its token may be
                 // there) reaches a kernel but what `config.env` names.
                 cmd.env_clear();
-                cmd.arg(WRAPPER_ARG)
-                    .arg(&self.config.python)
+                cmd.arg(WRAPPER_ARG);
+                if template.is_some() {
+                    cmd.arg(AWAIT_FORK_ARG).stdout(Stdio::piped());
+                }
+                cmd.arg(&self.config.python)
                     .env(SPEC_ENV, spec)
                     // Packages from `!pip install` go to the kernel's own folder:
                     // the shared environment is read-only for sandboxed kernels.
@@ -185,21 +208,29 @@ impl LocalKernelFactory {
                 cmd
             }
         };
+        let kernel_args: Vec<String> = vec![
+            "-f".into(),
+            conn_file.to_string_lossy().into_owned(),
+            "--HistoryManager.enabled=False".into(),
+            "--Application.log_level=WARN".into(),
+        ];
+        let kernel_env: Vec<(&str, PathBuf)> = vec![
+            ("TMPDIR", tmp.clone()),
+            ("HOME", tmp.clone()),
+            ("IPYTHONDIR", tmp.join("ipython")),
+            ("MPLCONFIGDIR", mpl.clone()),
+        ];
+        if template.is_none() {
+            cmd.stdout(Stdio::null());
+        }
         cmd.arg("-m")
             .arg("ipykernel_launcher")
-            .arg("-f")
-            .arg(&conn_file)
-            .arg("--HistoryManager.enabled=False")
-            .arg("--Application.log_level=WARN")
+            .args(&kernel_args)
             .current_dir(workdir)
             .envs(&self.config.env)
             .env("JPY_PARENT_PID", std::process::id().to_string())
-            .env("TMPDIR", &tmp)
-            .env("HOME", &tmp)
-            .env("IPYTHONDIR", tmp.join("ipython"))
-            .env("MPLCONFIGDIR", &mpl)
+            .envs(kernel_env.iter().map(|(k, v)| (*k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
@@ -208,6 +239,7 @@ impl LocalKernelFactory {
             // The wrapper's stdin is its lifeline to us (see the module doc).
             cmd.stdin(Stdio::piped());
         }
+        let started = std::time::Instant::now();
         let mut child = match spawn(cmd, pid_ns).await {
             Ok(c) => c,
             Err(e) => {
@@ -222,7 +254,46 @@ impl LocalKernelFactory {
             }
         };
         let pid = child.id();
-        let lifeline = child.stdin.take();
+        let mut lifeline = child.stdin.take();
+        if let (Some(template), Some(pipe)) = (template, lifeline.as_mut()) {
+            let request = |plan| ForkRequest {
+                wrapper_pid: pid.unwrap_or(0),
+                plan,
+                cwd: workdir.to_path_buf(),
+                env: self
+                    .config
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .chain(
+                        kernel_env
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string_lossy().into_owned())),
+                    )
+                    .chain([
+                        ("JPY_PARENT_PID".to_string(), "1".to_string()),
+                        ("PIP_TARGET".into(), site.to_string_lossy().into_owned()),
+                        ("PYTHONPATH".into(), site.to_string_lossy().into_owned()),
+                    ])
+                    .collect(),
+                argv: kernel_args.clone(),
+            };
+            let word = match self.fork_into(&mut child, template, request).await {
+                Ok(ns_pid) => {
+                    tracing::debug!(
+                        "kernel forked {:?} after its wrapper started",
+                        started.elapsed()
+                    );
+                    format!("pid {ns_pid}\n")
+                }
+                Err(e) => {
+                    tracing::warn!("launching a kernel instead of forking it: {e}");
+                    "launch\n".to_string()
+                }
+            };
+            // A wrapper that is gone is noticed by the kernel task.
+            let _ = pipe.write_all(word.as_bytes()).await;
+        }
         let stderr_tail = StderrTail::default();
         if let Some(stderr) = child.stderr.take() {
             let tail = stderr_tail.clone();
@@ -258,13 +329,104 @@ impl LocalKernelFactory {
         let actor = Actor::new(child, rx, self.shutdown.child_token(), exited.clone());
         self.tracker.spawn(actor.run(files, ready_tx));
         match ready_rx.await {
-            Ok(Ok(())) => Ok(KernelHandle::new(tx, pid, exited)),
+            Ok(Ok(())) => {
+                tracing::debug!(
+                    "kernel ready {:?} after its wrapper started",
+                    started.elapsed()
+                );
+                Ok(KernelHandle::new(tx, pid, exited))
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(KernelError::Start(
                 "kernel task ended during start-up".into(),
             )),
         }
     }
+}
+
+impl LocalKernelFactory {
+    /// Reads the wrapper's fork plan (its namespaces are ready then) and has
+    /// the template fork the kernel into them; `Ok` is the kernel's pid in
+    /// the wrapper's PID namespace.
+    async fn fork_into(
+        &self,
+        child: &mut tokio::process::Child,
+        template: &Template,
+        request: impl FnOnce(serde_json::Value) -> ForkRequest,
+    ) -> Result<u32, String> {
+        let Some(stdout) = child.stdout.take() else {
+            return Err("no pipe from the wrapper".into());
+        };
+        let mut line = String::new();
+        let mut stdout = BufReader::new(stdout);
+        let read = stdout.read_line(&mut line);
+        match tokio::time::timeout(self.config.start_timeout, read).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Err("the kernel's wrapper ended before its namespaces were ready".into()),
+        }
+        let plan: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("bad plan from the wrapper: {e}"))?;
+        template
+            .fork(&request(plan))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Starts the template when forking was asked for and the sandbox can give
+/// a forked kernel every layer a launched one gets (root: a uid per kernel;
+/// PID and mount namespaces: the wrapper as init, `setns` into its view).
+/// One log line says which.
+fn start_template(
+    config: &LocalKernelConfig,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Option<Template> {
+    let modules = config.fork_modules.clone()?;
+    let why_not = match &config.sandbox {
+        None => Some("kernels are not sandboxed (--no-sandbox)"),
+        Some(s) if s.users.is_none() => Some("the server is not root"),
+        Some(s) if !(s.pid_ns && s.mount_ns) => {
+            Some("this host gives the server no PID and mount namespaces (CAP_SYS_ADMIN)")
+        }
+        Some(_) => None,
+    };
+    if let Some(why) = why_not {
+        tracing::info!("kernel start: launched, not forked from a template: {why}");
+        return None;
+    }
+    let dir = config.runtime_dir.join("template");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            tracing::warn!("kernel start: launched: cannot create the template's folder: {e}");
+            return None;
+        }
+    }
+    if let Some(cache) = &config.mpl_cache
+        && let Ok(entries) = std::fs::read_dir(cache)
+    {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("fontlist") {
+                let _ = std::fs::copy(e.path(), dir.join(e.file_name()));
+            }
+        }
+    }
+    tracing::info!(
+        "kernel start: forked from a template (importing ipykernel{}{})",
+        if modules.is_empty() { "" } else { ", " },
+        modules.join(", ")
+    );
+    Some(Template::start(
+        TemplateConfig {
+            python: config.python.clone(),
+            env: config.env.clone(),
+            dir,
+            modules,
+        },
+        shutdown.child_token(),
+        tracker,
+    ))
 }
 
 impl KernelFactory for LocalKernelFactory {

@@ -9,6 +9,7 @@
 mod actor;
 pub mod gateway;
 pub mod local;
+mod template;
 
 use std::future::Future;
 use std::path::Path;

@@ -14,32 +14,103 @@
 //! when the server goes away, even by SIGKILL, the read ends and init exits,
 //! taking the kernel with it.
 
-use std::io::Read;
+//!
+//! A forked kernel (see `kernel::template`): init prints the [`super::ForkPlan`]
+//! on stdout once the namespaces are made, then reads one line on stdin:
+//! `pid N` (the template forked the kernel into this namespace as pid N; its
+//! parent is init once the template's helper has exited) or `launch` (no
+//! template: start the kernel as above). The kernel leads a session of its
+//! own, so init forwards the signals the server sends its process group
+//! (interrupts) to the kernel's group.
+
+use std::io::{BufRead, Read};
 use std::process::Command;
 
+use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use super::SandboxError;
 
+/// Prints `plan`, waits for the server's word (see the module doc), then
+/// serves as the kernel's init. Never returns but on a failed start.
+pub(super) fn await_fork(plan: &str, fallback: Command) -> SandboxError {
+    use std::io::Write;
+    // Blocked before any thread exists, so every thread inherits the mask
+    // and only the forwarding thread takes these signals.
+    let mut forwarded = SigSet::empty();
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        forwarded.add(sig);
+    }
+    let mut stdout = std::io::stdout();
+    if writeln!(stdout, "{plan}")
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(1);
+    }
+    let mut stdin = std::io::BufReader::new(std::io::stdin());
+    let mut line = String::new();
+    if !matches!(stdin.read_line(&mut line), Ok(n) if n > 0) {
+        std::process::exit(137); // the server is gone
+    }
+    let kernel = match line.trim().strip_prefix("pid ") {
+        Some(n) => match n.parse::<i32>() {
+            Ok(n) if n > 1 => Pid::from_raw(n),
+            _ => return SandboxError::Spec(format!("bad kernel pid {n:?}")),
+        },
+        None => return run_with(fallback, stdin),
+    };
+    if forwarded.thread_block().is_ok() {
+        std::thread::spawn(move || {
+            while let Ok(sig) = forwarded.wait() {
+                let _ = killpg(kernel, sig);
+            }
+        });
+    }
+    watch_lifeline(stdin);
+    reap_until(kernel)
+}
+
 /// Runs `cmd` as our child and never returns (but on a failed start).
-pub(super) fn run(mut cmd: Command) -> SandboxError {
+pub(super) fn run(cmd: Command) -> SandboxError {
+    run_with(cmd, std::io::BufReader::new(std::io::stdin()))
+}
+
+fn run_with(mut cmd: Command, lifeline: impl Read + Send + 'static) -> SandboxError {
     // The kernel's parent is this process (pid 1): ipykernel's own parent
     // poller is off for JPY_PARENT_PID=1; the stdin watch below does its job.
     cmd.env("JPY_PARENT_PID", "1")
-        .stdin(std::process::Stdio::null());
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return SandboxError::Exec(cmd.get_program().to_owned(), e),
     };
     let kernel = Pid::from_raw(child.id() as i32);
-    std::thread::spawn(|| {
+    watch_lifeline(lifeline);
+    reap_until(kernel)
+}
+
+/// Exits when the server closes our stdin (or dies).
+fn watch_lifeline(mut stdin: impl Read + Send + 'static) {
+    std::thread::spawn(move || {
         let mut buf = [0u8; 64];
-        let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
         // The server is gone (or closed the pipe to stop us).
         std::process::exit(137);
     });
+}
+
+/// Reaps every process of the namespace; exits with `kernel`'s status.
+fn reap_until(kernel: Pid) -> ! {
     loop {
         match waitpid(None, None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == kernel => std::process::exit(code),

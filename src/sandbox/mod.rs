@@ -172,6 +172,23 @@ pub enum SandboxError {
 
 /// Second argument that marks the wrapper's second stage (see [`exec_wrapped`]).
 const STAGE2_ARG: &str = "--stage2";
+/// Second argument of a wrapper whose kernel the template forks into it
+/// (see [`exec_wrapped`] and `kernel::template`).
+pub const AWAIT_FORK_ARG: &str = "--await-fork";
+
+/// What a kernel forked by the template must apply to itself, as root and
+/// then as its user, before any of its code runs: the unprivileged part of
+/// the wrapper's work ([`confine`]) as data, plus the per-process limits and
+/// the cgroups that a launched kernel inherits from the wrapper. The wrapper
+/// prints it (one JSON line) once its namespaces are ready.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForkPlan {
+    pub user: Option<KernelUser>,
+    pub landlock: Option<rules::LandlockPlan>,
+    pub cgroup_procs: Vec<PathBuf>,
+    pub file_size_bytes: Option<u64>,
+    pub data_bytes: Option<u64>,
+}
 
 /// The wrapper: applies the spec from the environment, then runs `args`.
 /// Returns only on failure.
@@ -190,9 +207,10 @@ pub fn exec_wrapped(args: Vec<OsString>) -> SandboxError {
         Ok(s) => s,
         Err(e) => return SandboxError::Spec(e),
     };
-    let (stage2, args) = match args.split_first() {
-        Some((first, rest)) if first == STAGE2_ARG => (true, rest),
-        _ => (false, &args[..]),
+    let (stage2, await_fork, args) = match args.split_first() {
+        Some((first, rest)) if first == STAGE2_ARG => (true, false, rest),
+        Some((first, rest)) if first == AWAIT_FORK_ARG => (false, true, rest),
+        _ => (false, false, &args[..]),
     };
     let Some((program, rest)) = args.split_first() else {
         return SandboxError::Spec("no program to run".into());
@@ -213,22 +231,45 @@ pub fn exec_wrapped(args: Vec<OsString>) -> SandboxError {
         return confine_and_exec(&spec);
     }
     let pid1 = std::process::id() == 1;
+    if await_fork && !pid1 {
+        return SandboxError::Spec(
+            "a forked kernel needs the wrapper as a namespace's init".into(),
+        );
+    }
+    let cgroup_procs = spec.cgroup_procs.clone();
     let spec = match isolate(spec, pid1) {
         Ok(s) => s,
         Err(e) => return e,
     };
-    if pid1 {
-        let json = match serde_json::to_string(&spec) {
-            Ok(j) => j,
-            Err(e) => return SandboxError::Spec(e.to_string()),
-        };
+    let stage2 = || {
+        let json = serde_json::to_string(&spec).map_err(|e| SandboxError::Spec(e.to_string()))?;
         // /proc/self/exe: our own binary, even where its path is masked.
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg(WRAPPER_ARG)
             .arg(STAGE2_ARG)
             .args(args)
             .env(SPEC_ENV, json);
-        return init::run(cmd);
+        Ok::<_, SandboxError>(cmd)
+    };
+    if await_fork {
+        let plan = ForkPlan {
+            user: spec.user,
+            landlock: spec.landlock.then(|| rules::plan(&spec)),
+            cgroup_procs,
+            file_size_bytes: spec.file_size_bytes,
+            data_bytes: spec.data_bytes,
+        };
+        return match (serde_json::to_string(&plan), stage2()) {
+            (Ok(json), Ok(cmd)) => init::await_fork(&json, cmd),
+            (Err(e), _) => SandboxError::Spec(e.to_string()),
+            (_, Err(e)) => e,
+        };
+    }
+    if pid1 {
+        return match stage2() {
+            Ok(cmd) => init::run(cmd),
+            Err(e) => e,
+        };
     }
     confine_and_exec(&spec)
 }

@@ -18,6 +18,11 @@ use landlock::{
     RulesetError, RulesetStatus, Scope, path_beneath_rules,
 };
 
+use std::path::PathBuf;
+
+use landlock::BitFlags;
+use serde::{Deserialize, Serialize};
+
 use super::{NetworkPolicy, SandboxError, SandboxSpec};
 
 const FS_ABI: ABI = ABI::V5;
@@ -25,6 +30,63 @@ const SCOPE_ABI: ABI = ABI::V6;
 
 fn err(e: RulesetError) -> SandboxError {
     SandboxError::Landlock(e.to_string())
+}
+
+/// The ruleset as data, for a kernel forked by the template (which applies
+/// it itself with the raw system calls, masked to its Linux's ABI): the same
+/// access rights as [`restrict`], from the same definitions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LandlockPlan {
+    pub handled_fs: u64,
+    pub handled_net: u64,
+    pub scoped: u64,
+    /// (path, access for a folder, access for a file): a rule on a file may
+    /// only name file rights, as `path_beneath_rules` does.
+    pub paths: Vec<(PathBuf, u64, u64)>,
+    pub ports: Vec<(u16, u64)>,
+}
+
+pub(super) fn plan(spec: &SandboxSpec) -> LandlockPlan {
+    let rule = |p: &PathBuf, access: BitFlags<AccessFs>| {
+        (
+            p.clone(),
+            access.bits(),
+            (access & AccessFs::from_file(FS_ABI)).bits(),
+        )
+    };
+    let mut paths: Vec<(PathBuf, u64, u64)> = spec
+        .read_only
+        .iter()
+        .map(|p| rule(p, AccessFs::from_read(FS_ABI)))
+        .chain(
+            spec.read_write
+                .iter()
+                .map(|p| rule(p, AccessFs::from_all(FS_ABI))),
+        )
+        .collect();
+    for m in &spec.host_mounts {
+        let access = if m.writable {
+            AccessFs::from_all(FS_ABI)
+        } else {
+            AccessFs::from_read(FS_ABI)
+        };
+        paths.push(rule(&m.target, access));
+    }
+    let connect: BitFlags<AccessNet> = AccessNet::ConnectTcp.into();
+    let (handled_net, ports) = match &spec.network {
+        NetworkPolicy::Web { ports } => (
+            connect.bits(),
+            ports.iter().map(|&p| (p, connect.bits())).collect(),
+        ),
+        _ => (0, Vec::new()),
+    };
+    LandlockPlan {
+        handled_fs: AccessFs::from_all(FS_ABI).bits(),
+        handled_net,
+        scoped: Scope::from_all(SCOPE_ABI).bits(),
+        paths,
+        ports,
+    }
 }
 
 pub(super) fn restrict(spec: &SandboxSpec) -> Result<RulesetStatus, SandboxError> {

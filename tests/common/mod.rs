@@ -531,10 +531,60 @@ pub fn kernel_pid(session_id: &str) -> Option<i32> {
         .find(|p| {
             let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd);
-            // Not the sandbox wrapper (the namespace's init), the kernel itself.
-            let is_kernel = cmd.contains("ipykernel_launcher") && !cmd.contains("__kernel-sandbox");
+            // Not the sandbox wrapper (the namespace's init), the kernel
+            // itself: launched, or forked from the template (whose command
+            // line it keeps).
+            let is_kernel = (cmd.contains("ipykernel_launcher") || cmd.contains(TEMPLATE_MARKER))
+                && !cmd.contains("__kernel-sandbox");
             is_kernel
                 && std::fs::read_link(format!("/proc/{p}/cwd"))
                     .is_ok_and(|cwd| cwd.ends_with(session_id))
+        })
+}
+
+/// The kernel template's first argument (see `src/kernel/template.rs`).
+pub const TEMPLATE_MARKER: &str = "mcp-python-interpreter-kernel-template";
+
+/// Whether process `pid` was forked from (or is) the kernel template.
+pub fn is_forked(pid: i32) -> bool {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&cmd).contains(TEMPLATE_MARKER)
+}
+
+/// The kernel template of the server `server` (its pid, or the pid of the
+/// bwrap that boxes it): the marked process that descends from it and is
+/// not a kernel (a kernel's parent is its sandbox wrapper).
+pub fn template_pid(server: u32) -> Option<i32> {
+    let parent = |p: i32| -> Option<i32> {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()?
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let descends = |mut p: i32| {
+        for _ in 0..4 {
+            match parent(p) {
+                Some(q) if q == server as i32 => return true,
+                Some(q) if q > 1 => p = q,
+                _ => return false,
+            }
+        }
+        false
+    };
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&p| {
+            is_forked(p)
+                && descends(p)
+                && parent(p).is_some_and(|q| {
+                    let cmd = std::fs::read(format!("/proc/{q}/cmdline")).unwrap_or_default();
+                    let cmd = String::from_utf8_lossy(&cmd);
+                    !cmd.contains(TEMPLATE_MARKER) && !cmd.contains("__kernel-sandbox")
+                })
         })
 }

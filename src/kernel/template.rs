@@ -1,0 +1,340 @@
+//! The kernel template: one Python process that has imported ipykernel and
+//! the scientific stack, and forks every new kernel (`template.py`).
+//!
+//! Why: a launched kernel spends most of its start importing, and holds its
+//! own copy of every imported module (87 MB unique after pandas, numpy and
+//! matplotlib). Forked from a process that has done that once, a kernel
+//! starts with the imports done and shares their memory copy-on-write.
+//!
+//! How it stays exactly as isolated as a launched kernel: the per-kernel
+//! wrapper (our binary, `__kernel-sandbox --await-fork`) is still started
+//! by the server as PID 1 of a new PID namespace and does the privileged
+//! stage as for a launch (cgroups, namespaces, private `/proc`, `/tmp`,
+//! `/dev/shm`, masks, shared folders). It then prints what the kernel must
+//! apply to itself ([`crate::sandbox::ForkPlan`]: its uid, the Landlock
+//! ruleset computed by `sandbox/rules.rs`, limits, cgroups) and waits. The
+//! template forks a helper that joins those cgroups, sets those limits and
+//! enters the wrapper's namespaces (`setns`), and a kernel beneath it that
+//! drops to its uid, sets no_new_privs, applies the ruleset, reseeds, and
+//! only then starts ipykernel. The kernel's parent is then the wrapper,
+//! which the server owns as before: death detection, interrupts (forwarded
+//! by the wrapper), shutdown and the lifeline work unchanged.
+//!
+//! The template never runs session code: it reads requests only from a pipe
+//! only the server holds; it is root, in the host's namespaces, and no
+//! kernel can see it (PID namespace), signal it (other uid, Landlock scope)
+//! or reach its descriptors (closed in every kernel).
+//!
+//! This task owns the template: it starts it, answers fork requests one at a
+//! time, and replaces it when it dies (with a back-off). A request that
+//! finds no template within [`WAIT_FOR_TEMPLATE`] or that fails is answered
+//! with an error, and the caller launches that kernel instead.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The template program, run with `python -c`.
+const TEMPLATE_CODE: &str = include_str!("template.py");
+/// The template's first argument: names it in `ps` (and so in what its
+/// kernels' command lines show: they are forks of it).
+const MARKER: &str = "mcp-python-interpreter-kernel-template";
+/// Longest a template may take to import its modules.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest one fork may take (the kernel confines itself meanwhile).
+const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a kernel start waits for a template (being started or replaced)
+/// before it launches instead.
+pub(crate) const WAIT_FOR_TEMPLATE: Duration = Duration::from_secs(30);
+/// Templates that die this many times in a row, each before it served
+/// anything, are given up: kernels are launched from then on.
+const MAX_FAILURES: u32 = 5;
+
+/// How to start the template.
+pub(crate) struct TemplateConfig {
+    pub python: PathBuf,
+    /// The kernels' environment (the template imports with it).
+    pub env: HashMap<String, String>,
+    /// A private folder of the template's (its HOME, TMPDIR, cwd, and
+    /// matplotlib's config folder).
+    pub dir: PathBuf,
+    /// Modules imported before the first fork.
+    pub modules: Vec<String>,
+}
+
+/// What one forked kernel needs; sent to the template as one JSON line.
+#[derive(Serialize)]
+pub(crate) struct ForkRequest {
+    /// The wrapper (host pid) whose namespaces the kernel enters.
+    pub wrapper_pid: u32,
+    /// The wrapper's [`crate::sandbox::ForkPlan`], as it printed it.
+    pub plan: serde_json::Value,
+    pub cwd: PathBuf,
+    /// Set in the kernel's environment (over the template's).
+    pub env: HashMap<String, String>,
+    /// ipykernel's arguments.
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TemplateError {
+    #[error("no kernel template is available")]
+    Unavailable,
+    #[error("the kernel template failed to fork: {0}")]
+    Fork(String),
+}
+
+type Reply = oneshot::Sender<Result<u32, TemplateError>>;
+
+/// A cheap handle to the task that owns the template.
+#[derive(Clone)]
+pub(crate) struct Template {
+    requests: mpsc::Sender<(String, Reply)>,
+}
+
+impl Template {
+    /// Starts the owning task (and the template) on `tracker`.
+    pub(crate) fn start(
+        config: TemplateConfig,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(64);
+        tracker.spawn(own(config, rx, cancel));
+        Self { requests: tx }
+    }
+
+    /// Forks a kernel; `Ok` is its pid in the wrapper's PID namespace.
+    pub(crate) async fn fork(&self, request: &ForkRequest) -> Result<u32, TemplateError> {
+        let line =
+            serde_json::to_string(request).map_err(|e| TemplateError::Fork(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send((line, tx))
+            .await
+            .map_err(|_| TemplateError::Unavailable)?;
+        match tokio::time::timeout(WAIT_FOR_TEMPLATE + FORK_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            _ => Err(TemplateError::Unavailable),
+        }
+    }
+}
+
+/// A running, ready template.
+struct Running {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+async fn own(
+    config: TemplateConfig,
+    mut requests: mpsc::Receiver<(String, Reply)>,
+    cancel: CancellationToken,
+) {
+    let mut failures = 0u32;
+    let mut started_once = false;
+    loop {
+        if failures >= MAX_FAILURES {
+            tracing::warn!(
+                "kernel template: failed {failures} times in a row; kernels are launched instead \
+                 of forked from now on"
+            );
+            // Answer every request at once: the callers launch.
+            requests.close();
+            while let Some((_, reply)) = requests.recv().await {
+                let _ = reply.send(Err(TemplateError::Unavailable));
+            }
+            return;
+        }
+        // After a failure, kernels asked for meanwhile are launched at once
+        // rather than kept waiting for a template that may fail again. (A
+        // first start, or a replacement after a healthy template died, is
+        // waited for: it is ready sooner than a launched kernel would be.)
+        let impatient = failures > 0;
+        let pause = tokio::time::sleep(if impatient {
+            Duration::from_millis(250 * 2u64.pow(failures))
+        } else {
+            Duration::ZERO
+        });
+        let started = tokio::time::Instant::now();
+        let spawned = async {
+            pause.await;
+            spawn(&config).await
+        };
+        tokio::pin!(spawned);
+        let spawned = loop {
+            tokio::select! {
+                r = &mut spawned => break r,
+                req = requests.recv(), if impatient => match req {
+                    Some((_, reply)) => {
+                        let _ = reply.send(Err(TemplateError::Unavailable));
+                    }
+                    None => return,
+                },
+                _ = cancel.cancelled() => return,
+            }
+        };
+        let mut running = match spawned {
+            Ok(r) => r,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!("kernel template did not start: {e}");
+                continue;
+            }
+        };
+        tracing::info!(
+            "kernel template {}: {} imported in {:.2} s; new kernels are forked from it",
+            if started_once { "replaced" } else { "ready" },
+            if config.modules.is_empty() {
+                "ipykernel".to_string()
+            } else {
+                format!("ipykernel, {}", config.modules.join(", "))
+            },
+            started.elapsed().as_secs_f64()
+        );
+        started_once = true;
+        let mut served = false;
+        loop {
+            tokio::select! {
+                req = requests.recv() => {
+                    let Some((line, reply)) = req else { return };
+                    match fork_one(&mut running, &line).await {
+                        Ok(r) => {
+                            served = true;
+                            let _ = reply.send(r);
+                        }
+                        Err(e) => {
+                            tracing::warn!("kernel template failed ({e}); replacing it");
+                            let _ = reply.send(Err(TemplateError::Fork(e)));
+                            let _ = running.child.start_kill();
+                            let _ = running.child.wait().await;
+                            break;
+                        }
+                    }
+                }
+                status = running.child.wait() => {
+                    tracing::warn!(
+                        "kernel template exited ({}); starting a new one",
+                        status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+                    );
+                    break;
+                }
+                _ = cancel.cancelled() => {
+                    let _ = running.child.start_kill();
+                    let _ = running.child.wait().await;
+                    return;
+                }
+            }
+        }
+        failures = if served { 0 } else { failures + 1 };
+    }
+}
+
+/// One request, one reply line. `Err` means the template is broken.
+async fn fork_one(running: &mut Running, line: &str) -> Result<Result<u32, TemplateError>, String> {
+    let exchange = async {
+        running.stdin.write_all(line.as_bytes()).await?;
+        running.stdin.write_all(b"\n").await?;
+        running.stdin.flush().await?;
+        let mut reply = String::new();
+        if running.stdout.read_line(&mut reply).await? == 0 {
+            return Err(std::io::Error::other("the template closed its pipe"));
+        }
+        Ok(reply)
+    };
+    let reply = match tokio::time::timeout(FORK_TIMEOUT, exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer within {FORK_TIMEOUT:?}")),
+    };
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        ok: bool,
+        ns_pid: Option<u32>,
+        error: Option<String>,
+    }
+    let a: Answer = serde_json::from_str(&reply).map_err(|e| format!("bad answer: {e}"))?;
+    Ok(match (a.ok, a.ns_pid) {
+        (true, Some(pid)) if pid > 1 => Ok(pid),
+        _ => Err(TemplateError::Fork(
+            a.error.unwrap_or_else(|| "no kernel pid".into()),
+        )),
+    })
+}
+
+/// Starts a template and waits until it has imported everything.
+async fn spawn(config: &TemplateConfig) -> Result<Running, String> {
+    let mut cmd = tokio::process::Command::new(&config.python);
+    // Kernels forked from it inherit its environment: only what `config.env`
+    // names (the local kernels' allowlist), never the server's secrets.
+    cmd.env_clear();
+    cmd.arg("-c")
+        .arg(TEMPLATE_CODE)
+        .arg(MARKER)
+        .args(&config.modules)
+        .current_dir(&config.dir)
+        .envs(&config.env)
+        .env("HOME", &config.dir)
+        .env("TMPDIR", &config.dir)
+        .env("MPLCONFIGDIR", &config.dir)
+        // One thread at fork time: OpenBLAS would otherwise start its
+        // thread pool at import. Kernels keep this (their BLAS runs one
+        // thread; the default CPU quota on small machines is one core).
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .env("OMP_NUM_THREADS", "1")
+        .env("MKL_NUM_THREADS", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", config.python.display()))?;
+    let stdin = child.stdin.take().ok_or("no stdin")?;
+    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    if let Some(stderr) = child.stderr.take() {
+        // The template's own messages (and those of kernels that fail before
+        // they have their own stderr): debug lines of the server's log.
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                // The template's own complaints (a module it cannot import,
+                // a thread where none may be) are worth a warning.
+                match line.strip_prefix("mcp-python-interpreter kernel template: ") {
+                    Some(msg) => tracing::warn!("kernel template: {msg}"),
+                    None => tracing::debug!(target: "kernel_template", "{line}"),
+                }
+            }
+        });
+    }
+    let mut ready = String::new();
+    match tokio::time::timeout(READY_TIMEOUT, stdout.read_line(&mut ready)).await {
+        Ok(Ok(n)) if n > 0 && ready.contains("\"ready\"") => Ok(Running {
+            child,
+            stdin,
+            stdout,
+        }),
+        Ok(_) => {
+            let status = child.wait().await;
+            Err(format!(
+                "it exited while importing ({}); run with RUST_LOG=kernel_template=debug for its messages",
+                status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string())
+            ))
+        }
+        Err(_) => Err(format!(
+            "it did not finish its imports within {READY_TIMEOUT:?}"
+        )),
+    }
+}

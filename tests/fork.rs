@@ -1,0 +1,302 @@
+//! Kernels forked from the template (the default where the server is root
+//! with namespaces): attacks on siblings and on the template from inside a
+//! forked kernel, random state, and the template's death.
+//!
+//! Every write a payload attempts targets a path inside the test's own
+//! temporary folder, and the server runs boxed, so a failed defence cannot
+//! harm anything outside it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Transport, is_forked, kernel_pid, start_boxed, template_pid};
+
+fn err(v: &serde_json::Value) -> String {
+    v["error"].as_str().unwrap_or("").to_string()
+}
+
+fn result(v: &serde_json::Value) -> String {
+    assert_eq!(v["success"], true, "{v:#}");
+    v["result"].as_str().unwrap_or("").to_string()
+}
+
+/// Waits (bounded) for the server's template, and for it to have served:
+/// the first kernels may be forked while it is still importing.
+async fn wait_template(server: u32, not: Option<i32>) -> i32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(p) = template_pid(server).filter(|&p| Some(p) != not) {
+            return p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no kernel template appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Inode of what descriptor `fd` of `pid` names (`pipe:[N]`), if anything.
+fn fd_target(pid: i32, fd: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forked_kernels_cannot_reach_siblings_or_the_template() {
+    let s = start_boxed(Transport::Stdio, &[], None).await;
+    let template = wait_template(s.pid, None).await;
+    // The template never starts a thread: kernels are forked from one.
+    let threads = std::fs::read_dir(format!("/proc/{template}/task"))
+        .unwrap()
+        .count();
+    assert_eq!(threads, 1, "the template runs {threads} threads");
+
+    let (victim, v) = s
+        .new_session(
+            "import ipykernel, os\nopen('secret.txt','w').write('victim data')\n\
+             print(ipykernel.get_connection_file(), os.environ['TMPDIR'], sep='\\n')",
+        )
+        .await;
+    let victim_pid = kernel_pid(&victim).expect("victim kernel");
+    assert!(is_forked(victim_pid), "the victim's kernel was not forked");
+    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    let out = out.concat();
+    let mut lines = out.lines().map(str::to_string);
+    let (conn, tmpdir) = (lines.next().unwrap(), lines.next().unwrap());
+    let runtime = std::path::Path::new(&tmpdir)
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let secret = s.data_dir.path().join(&victim).join("secret.txt");
+
+    let (attacker, _) = s.new_session("import os, signal, glob").await;
+    let attacker_pid = kernel_pid(&attacker).expect("attacker kernel");
+    assert!(is_forked(attacker_pid));
+
+    // The sibling's key, runtime folder and files.
+    for code in [
+        format!("open({conn:?}).read()"),
+        format!("os.listdir({runtime:?})"),
+        format!("open({:?}).read()", secret.display().to_string()),
+    ] {
+        let v = s.exec(&attacker, &code).await;
+        let e = err(&v);
+        assert!(
+            e.starts_with("PermissionError") || e.starts_with("FileNotFoundError"),
+            "{code}: {v}"
+        );
+    }
+    let v = s
+        .exec(
+            &attacker,
+            "own = os.path.dirname(os.environ['TMPDIR'])\n\
+             [p for p in glob.glob('/tmp/mcp-python-interpreter-*/**/kernel.json', recursive=True) \
+              if not p.startswith(own + '/')]",
+        )
+        .await;
+    assert_eq!(result(&v), "[]", "{v}");
+
+    // Signals: the sibling and the template by their host pids, every pid
+    // the kernel can name, and the namespace's init.
+    for (who, pid) in [("sibling", victim_pid), ("template", template)] {
+        let v = s
+            .exec(&attacker, &format!("os.kill({pid}, signal.SIGKILL)"))
+            .await;
+        let e = err(&v);
+        assert!(
+            e.starts_with("ProcessLookupError") || e.starts_with("PermissionError"),
+            "signalling the {who}: {v}"
+        );
+    }
+    let v = s
+        .exec(
+            &attacker,
+            "sorted(int(p) for p in os.listdir('/proc') if p.isdigit())",
+        )
+        .await;
+    let visible = result(&v);
+    let v = s
+        .exec(
+            &attacker,
+            "import subprocess\nfailed = []\n\
+             for p in range(1, 400):\n\
+             \x20   if str(p) in os.listdir('/proc/self/task'): continue\n\
+             \x20   try: os.kill(p, 0); failed.append(p)\n\
+             \x20   except (ProcessLookupError, PermissionError): pass\n\
+             failed",
+        )
+        .await;
+    // Nothing but the kernel itself (whose threads' ids are skipped).
+    assert_eq!(result(&v), "[]", "signallable: {v}; visible {visible}");
+    assert!(!common::wait_gone(victim_pid, Duration::from_millis(300)).await);
+    assert!(std::path::Path::new(&format!("/proc/{template}")).exists());
+
+    // Who the kernel is: its own uid, no groups, no privileges, no way back.
+    let v = s
+        .exec(
+            &attacker,
+            "st = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())\n\
+             (os.getuid(), st['Groups'].strip(), st['NoNewPrivs'].strip(), st['CapEff'].strip(), os.getcwd() == os.path.realpath('.'))",
+        )
+        .await;
+    let who = result(&v);
+    assert!(
+        who.contains(", '', '1', '0000000000000000', True)"),
+        "{who}"
+    );
+    let v = s.exec(&victim, "os.getuid()").await;
+    assert!(!who.starts_with(&format!("({},", result(&v))), "same uid");
+
+    // Nothing of the template's control pipes reached a kernel.
+    let control: Vec<String> = [0, 1]
+        .iter()
+        .filter_map(|&fd| fd_target(template, fd))
+        .filter(|t| t.starts_with("pipe:"))
+        .collect();
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{attacker_pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    for c in &control {
+        assert!(!fds.contains(c), "kernel holds the template's {c}");
+    }
+
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "victim data");
+    let v = s.exec(&victim, "open('secret.txt').read()").await;
+    assert_eq!(result(&v), "'victim data'");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forked_sessions_draw_different_random_numbers_and_keys() {
+    let s = start_boxed(Transport::Stdio, &[], None).await;
+    wait_template(s.pid, None).await;
+    let draw = "import random, numpy, multiprocessing\n\
+                print(random.random(), numpy.random.rand(), random.getrandbits(64), \
+                multiprocessing.current_process().authkey.hex(), sep='|')";
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (id, v) = s.new_session(draw).await;
+        assert!(is_forked(kernel_pid(&id).unwrap()));
+        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+        let r = out.concat();
+        let parts: Vec<String> = r.trim().split('|').map(str::to_string).collect();
+        assert_eq!(parts.len(), 4, "{r}");
+        for earlier in &seen {
+            let earlier: &Vec<String> = earlier;
+            for i in 0..4 {
+                assert_ne!(earlier[i], parts[i], "draw {i} repeated: {r}");
+            }
+        }
+        seen.push(parts);
+    }
+    s.stop().await;
+}
+
+/// A killed template is replaced; kernels forked from it live on; sessions
+/// keep starting meanwhile (launched while there is none) and are forked
+/// again once the new one is ready. Interrupts and timeouts reach a forked
+/// kernel through its wrapper.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_template_is_replaced() {
+    let s = start_boxed(
+        Transport::Stdio,
+        &["--pool-size", "1", "--execution-timeout", "3"],
+        None,
+    )
+    .await;
+    let first = wait_template(s.pid, None).await;
+    let (old, _) = s.new_session("x = 41").await;
+    assert!(is_forked(kernel_pid(&old).unwrap()));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(common::wait_gone(first, Duration::from_secs(10)).await);
+    for _ in 0..3 {
+        let (_, v) = s.new_session("40 + 2").await;
+        assert_eq!(result(&v), "42");
+    }
+    assert_eq!(result(&s.exec(&old, "x + 1").await), "42");
+
+    let second = wait_template(s.pid, Some(first)).await;
+    assert_ne!(first, second);
+    // Sessions made after the replacement is ready are forked from it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (id, _) = s.new_session("1").await;
+        if is_forked(kernel_pid(&id).unwrap()) {
+            // Interrupted at the time limit, and still usable.
+            let v = s.exec(&id, "import time\ny = 5\ntime.sleep(60)").await;
+            assert_eq!(v["success"], false, "{v}");
+            assert!(err(&v).contains("Timeout"), "{v}");
+            assert_eq!(result(&s.exec(&id, "y").await), "5");
+            // A forked kernel that dies is noticed.
+            let v = s.exec(&id, "import os; os._exit(3)").await;
+            assert!(err(&v).contains("KernelDied"), "{v}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no forked session after the template was replaced"
+        );
+    }
+    s.stop().await;
+}
+
+/// A template that may not fork (a preloaded module starts a thread at
+/// import, so forking would copy a process with locks held) refuses and
+/// exits; kernels are then launched, at once after that first failure, and
+/// sessions work as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_template_that_may_not_fork_gives_way_to_launched_kernels() {
+    use rmcp::ServiceExt;
+    use rmcp::transport::TokioChildProcess;
+
+    let modules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        modules.path().join("mcp_test_thread_at_import.py"),
+        "import threading, time\n\
+         threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(common::BIN);
+    cmd.args(["--transport", "stdio", "--data-dir"])
+        .arg(data.path())
+        .args(["--preload", "numpy,mcp_test_thread_at_import"])
+        // Seen by the template (the server's environment), not by kernels
+        // (the sandbox sets their PYTHONPATH).
+        .env("PYTHONPATH", modules.path())
+        .env("LOG_LEVEL", "error");
+    let (proc, _) = TokioChildProcess::builder(cmd)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let client = ().serve(proc).await.expect("connect over stdio");
+    let started = std::time::Instant::now();
+    let v = common::call(
+        &client,
+        "execute_code",
+        serde_json::json!({"code": "import sys\n'numpy' in sys.modules", "session_id": ""}),
+    )
+    .await
+    .structured_content
+    .unwrap();
+    assert_eq!(result(&v), "True");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the first session waited {:?}",
+        started.elapsed()
+    );
+    let id = v["session_id"].as_str().unwrap();
+    assert!(!is_forked(kernel_pid(id).unwrap()), "a kernel was forked");
+    let _ = client.cancel().await;
+}
