@@ -226,11 +226,11 @@ struct Args {
         default_value = "numpy,pandas,matplotlib,seaborn"
     )]
     preload: Vec<String>,
-    /// Import nothing ahead (the same as `--preload ''`).
+    /// Import nothing ahead (the same as `--preload ''`) [default: off].
     #[arg(long, env = "MCP_NO_PRELOAD", conflicts_with = "preload")]
     no_preload: bool,
     /// Launch every kernel as a new Python process instead of forking it from
-    /// the kernel template.
+    /// the kernel template [default: off: fork where the server can].
     #[arg(long, env = "MCP_NO_FORK")]
     no_fork: bool,
     /// Most images returned inline (MCP image content) per execute_code call:

@@ -260,21 +260,40 @@ async fn a_template_that_may_not_fork_gives_way_to_launched_kernels() {
     use rmcp::ServiceExt;
     use rmcp::transport::TokioChildProcess;
 
-    let modules = tempfile::tempdir().unwrap();
+    // The module goes where the template finds it, the kernel environment
+    // (the template gets no PYTHONPATH of ours: kernels start from an
+    // allowlisted environment), and is removed however the test ends.
+    let out = std::process::Command::new(common::kernel_python())
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        ])
+        .output()
+        .unwrap();
+    let site = std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let module = Remove(site.join(format!(
+        "mcp_test_thread_at_import_{}.py",
+        std::process::id()
+    )));
     std::fs::write(
-        modules.path().join("mcp_test_thread_at_import.py"),
+        &module.0,
         "import threading, time\n\
          threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n",
     )
     .unwrap();
+    let name = module.0.file_stem().unwrap().to_string_lossy().into_owned();
     let data = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(common::BIN);
     cmd.args(["--transport", "stdio", "--data-dir"])
         .arg(data.path())
-        .args(["--preload", "numpy,mcp_test_thread_at_import"])
-        // Seen by the template (the server's environment), not by kernels
-        // (the sandbox sets their PYTHONPATH).
-        .env("PYTHONPATH", modules.path())
+        .arg("--preload")
+        .arg(format!("numpy,{name}"))
         .env("LOG_LEVEL", "error");
     let (proc, _) = TokioChildProcess::builder(cmd)
         .stderr(std::process::Stdio::inherit())
