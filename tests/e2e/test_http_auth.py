@@ -152,6 +152,9 @@ facts = {
     "write_etc": attempt(lambda: open("/etc/probe", "w").write("x")),
     "read_passwd": attempt(lambda: open("/etc/passwd").read()),
     "list_parent_of_session": attempt(lambda: os.listdir("..")),
+    "others_beside_session": attempt(
+        lambda: [n for n in os.listdir("..") if n != os.path.basename(os.getcwd())] and 1 / 0
+    ),
     "write_tmp": attempt(lambda: open(tmp_probe, "w").write("x")),
     "tmp_entries": sorted(os.listdir("/tmp"))[:10] if os.path.isdir("/tmp") else None,
     "kill_pid_1": attempt(lambda: os.kill(1, 0)),
@@ -163,6 +166,9 @@ PLOTLY = "import plotly.express as px\npx.bar(x=['a', 'b'], y=[1, 3]).show()"
 
 
 async def confinement(client: Client, token: str, data_dir: Path) -> None:
+    # Another session beside the probing one, which it must not see.
+    result, sc = await execute(client, "1", "")
+    assert_ok(result, sc)
     result, sc = await execute(client, PROBE, "")
     assert_ok(result, sc)
     sid = sc["session_id"]
@@ -173,7 +179,10 @@ async def confinement(client: Client, token: str, data_dir: Path) -> None:
     assert facts["uid"] != 0, facts
     assert facts["no_new_privs"] == "1", facts
     assert facts["write_etc"] != "allowed" and facts["write_beside_session"] != "allowed", facts
-    assert facts["list_parent_of_session"] != "allowed", facts
+    # The folder holding the session folders shows no other session: a
+    # launched kernel may not list it at all; a forked one sees its private
+    # view's mount point, which holds its own folder only.
+    assert facts["others_beside_session"] != "ZeroDivisionError", facts
     assert facts["read_passwd"] == "allowed", facts
     assert facts["kill_pid_1"] != "allowed", facts
     # Every host this server supports here gives kernels a private /tmp (root:
