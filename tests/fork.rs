@@ -257,9 +257,6 @@ async fn a_killed_template_is_replaced() {
 /// sessions work as before.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_template_that_may_not_fork_gives_way_to_launched_kernels() {
-    use rmcp::ServiceExt;
-    use rmcp::transport::TokioChildProcess;
-
     // The module goes where the template finds it, the kernel environment
     // (the template gets no PYTHONPATH of ours: kernels start from an
     // allowlisted environment), and is removed however the test ends.
@@ -295,11 +292,7 @@ async fn a_template_that_may_not_fork_gives_way_to_launched_kernels() {
         .arg("--preload")
         .arg(format!("numpy,{name}"))
         .env("LOG_LEVEL", "error");
-    let (proc, _) = TokioChildProcess::builder(cmd)
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let client = ().serve(proc).await.expect("connect over stdio");
+    let client = common::connect_stdio(cmd).await;
     let started = std::time::Instant::now();
     let v = common::call(
         &client,

@@ -137,7 +137,6 @@ async fn foreign_origins_are_refused() {
 /// (locale, proxies, certificates): not the token, not our settings.
 #[tokio::test(flavor = "multi_thread")]
 async fn kernels_do_not_inherit_the_servers_secrets() {
-    use rmcp::ServiceExt;
     let data = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(common::BIN);
     cmd.args(["--transport", "stdio", "--pool-size", "0", "--data-dir"])
@@ -148,11 +147,7 @@ async fn kernels_do_not_inherit_the_servers_secrets() {
         .env("LC_ALL", "C.UTF-8")
         .env("HTTPS_PROXY", "http://proxy.example:3128")
         .env("LOG_LEVEL", "error");
-    let (proc, _) = rmcp::transport::TokioChildProcess::builder(cmd)
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let client = ().serve(proc).await.unwrap();
+    let client = common::connect_stdio(cmd).await;
     let r = common::call(
         &client,
         "execute_code",
@@ -174,7 +169,6 @@ async fn kernels_do_not_inherit_the_servers_secrets() {
 /// for their private view are made searchable whatever the umask.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_strict_umask_does_not_stop_kernels() {
-    use rmcp::ServiceExt;
     let data = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
@@ -183,11 +177,7 @@ async fn a_strict_umask_does_not_stop_kernels() {
         .args(["--transport", "stdio", "--pool-size", "0", "--data-dir"])
         .arg(data.path())
         .env("LOG_LEVEL", "error");
-    let (proc, _) = rmcp::transport::TokioChildProcess::builder(cmd)
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let client = ().serve(proc).await.unwrap();
+    let client = common::connect_stdio(cmd).await;
     let r = common::call(
         &client,
         "execute_code",

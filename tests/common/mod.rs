@@ -268,6 +268,16 @@ pub async fn connect_http(url: &str, token: Option<&str>) -> Result<Client, Stri
 }
 
 /// Starts a server; over HTTP the client authenticates with `token`.
+/// rmcp's client on a stdio server started by `cmd` (its own flags and
+/// environment; stderr shown).
+pub async fn connect_stdio(cmd: Command) -> Client {
+    let (proc, _) = TokioChildProcess::builder(cmd)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    ().serve(proc).await.expect("connect over stdio")
+}
+
 /// Like [`start`], with kernels on `gateway`.
 pub async fn start_on_gateway(
     transport: Transport,
