@@ -18,6 +18,10 @@ pub mod serve;
 pub mod session;
 pub mod workspace;
 
+/// A boxed future, so the traits with async methods (kernel factories,
+/// remote files) stay object safe.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// `len` URL-safe characters (`A-Z a-z 0-9 - _`) from the OS-seeded CSPRNG
 /// (6 bits of entropy each).
 pub fn random_token(len: usize) -> String {

@@ -109,90 +109,14 @@ pub async fn run(config: Config, python: Option<KernelPython>) -> Result<(), Ser
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (factory, cgroups, host_folders) = match (&config.gateway, python) {
-        (Some(gateway), _) => {
-            if !config.mounts.is_empty() {
+    let (factory, cgroups, host_folders) =
+        match kernel_factory(&config, python, &runtime_dir, &shutdown, &tracker).await {
+            Ok(parts) => parts,
+            Err(e) => {
                 let _ = std::fs::remove_dir_all(&runtime_dir);
-                return Err(ServeError::Gateway(
-                    "--mount shares this machine's folders with local kernels; remote kernels \
-                     see the volumes their deployment mounts"
-                        .into(),
-                ));
+                return Err(e);
             }
-            tracing::info!(
-                "sandbox: kernels run on the gateway, so this server's confinement (Landlock, \
-                 uids, cgroups, namespaces) does not apply to them: isolation comes from the \
-                 deployment (a pod per kernel, its user, NetworkPolicy, resource limits; see \
-                 SECURITY.md). Still enforced here: client authentication, session ids and \
-                 paths, output and time bounds."
-            );
-            let factory = match GatewayKernelFactory::connect(
-                gateway.clone(),
-                shutdown.child_token(),
-                tracker.clone(),
-            )
-            .await
-            {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = std::fs::remove_dir_all(&runtime_dir);
-                    return Err(ServeError::Gateway(e));
-                }
-            };
-            (
-                Arc::new(factory) as Arc<dyn KernelFactory>,
-                None,
-                Vec::new(),
-            )
-        }
-        (None, None) => {
-            let _ = std::fs::remove_dir_all(&runtime_dir);
-            return Err(ServeError::Gateway(
-                "no kernel environment and no gateway".into(),
-            ));
-        }
-        (None, Some(python)) => {
-            let cgroups = if config.sandbox {
-                let prefix = "mcp-python-interpreter-";
-                let stale = CgroupRoot::sweep_stale(prefix);
-                if stale > 0 {
-                    tracing::info!("removed {stale} cgroup(s) left by servers that were killed");
-                }
-                CgroupRoot::detect(&format!("{prefix}{}", std::process::id()))
-            } else {
-                None
-            };
-            let (sandbox, host_folders) =
-                match sandbox_settings(&config, &python, &cgroups, &runtime_dir) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = std::fs::remove_dir_all(&runtime_dir);
-                        if let Some(cg) = &cgroups {
-                            cg.remove();
-                        }
-                        return Err(e);
-                    }
-                };
-            let factory = LocalKernelFactory::new(
-                LocalKernelConfig {
-                    python: python.python.clone(),
-                    runtime_dir: runtime_dir.clone(),
-                    env: kernel_env(&python, &config),
-                    start_timeout: config.kernel_start_timeout,
-                    mpl_cache: python.mpl_config.clone(),
-                    sandbox,
-                    fork_modules: config.fork_kernels.then(|| config.preload.clone()),
-                },
-                shutdown.child_token(),
-                tracker.clone(),
-            );
-            (
-                Arc::new(factory) as Arc<dyn KernelFactory>,
-                cgroups,
-                host_folders,
-            )
-        }
-    };
+        };
     let registry = Arc::new(Registry::new(
         factory,
         SessionSettings {
@@ -256,6 +180,100 @@ pub async fn run(config: Config, python: Option<KernelPython>) -> Result<(), Ser
     }
     signals.abort();
     served
+}
+
+/// The kernel factory, the kernels' cgroups (local only), and the host
+/// folders they share (local only).
+type KernelBackend = (
+    Arc<dyn KernelFactory>,
+    Option<CgroupRoot>,
+    Vec<sandbox::HostMount>,
+);
+
+/// The kernel backend: a Jupyter gateway's, or local kernels with this
+/// host's confinement (and their cgroups, and the host folders they share).
+async fn kernel_factory(
+    config: &Config,
+    python: Option<KernelPython>,
+    runtime_dir: &Path,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<KernelBackend, ServeError> {
+    Ok(match (&config.gateway, python) {
+        (Some(gateway), _) => {
+            if !config.mounts.is_empty() {
+                return Err(ServeError::Gateway(
+                    "--mount shares this machine's folders with local kernels; remote kernels \
+                     see the volumes their deployment mounts"
+                        .into(),
+                ));
+            }
+            tracing::info!(
+                "sandbox: kernels run on the gateway, so this server's confinement (Landlock, \
+                 uids, cgroups, namespaces) does not apply to them: isolation comes from the \
+                 deployment (a pod per kernel, its user, NetworkPolicy, resource limits; see \
+                 SECURITY.md). Still enforced here: client authentication, session ids and \
+                 paths, output and time bounds."
+            );
+            let factory = GatewayKernelFactory::connect(
+                gateway.clone(),
+                shutdown.child_token(),
+                tracker.clone(),
+            )
+            .await
+            .map_err(ServeError::Gateway)?;
+            (
+                Arc::new(factory) as Arc<dyn KernelFactory>,
+                None,
+                Vec::new(),
+            )
+        }
+        (None, None) => {
+            return Err(ServeError::Gateway(
+                "no kernel environment and no gateway".into(),
+            ));
+        }
+        (None, Some(python)) => {
+            let cgroups = if config.sandbox {
+                let prefix = "mcp-python-interpreter-";
+                let stale = CgroupRoot::sweep_stale(prefix);
+                if stale > 0 {
+                    tracing::info!("removed {stale} cgroup(s) left by servers that were killed");
+                }
+                CgroupRoot::detect(&format!("{prefix}{}", std::process::id()))
+            } else {
+                None
+            };
+            let (sandbox, host_folders) =
+                match sandbox_settings(config, &python, &cgroups, runtime_dir) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        if let Some(cg) = &cgroups {
+                            cg.remove();
+                        }
+                        return Err(e);
+                    }
+                };
+            let factory = LocalKernelFactory::new(
+                LocalKernelConfig {
+                    python: python.python.clone(),
+                    runtime_dir: runtime_dir.to_path_buf(),
+                    env: kernel_env(&python, config),
+                    start_timeout: config.kernel_start_timeout,
+                    mpl_cache: python.mpl_config.clone(),
+                    sandbox,
+                    fork_modules: config.fork_kernels.then(|| config.preload.clone()),
+                },
+                shutdown.child_token(),
+                tracker.clone(),
+            );
+            (
+                Arc::new(factory) as Arc<dyn KernelFactory>,
+                cgroups,
+                host_folders,
+            )
+        }
+    })
 }
 
 async fn serve_stdio(

@@ -46,7 +46,7 @@ use crate::sandbox::users::{UidLease, UidPool};
 use crate::sandbox::{AWAIT_FORK_ARG, SPEC_ENV, SYSTEM_WRITE, SandboxSpec, WRAPPER_ARG};
 
 /// Python run in every kernel before the user's first line (silently).
-const STARTUP_CODE: &str = include_str!("startup.py");
+pub(super) const STARTUP_CODE: &str = include_str!("startup.py");
 
 /// Everything needed to launch local kernels.
 #[derive(Debug, Clone)]

@@ -11,9 +11,7 @@ pub mod gateway;
 pub mod local;
 mod template;
 
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -238,8 +236,7 @@ impl KernelHandle {
     }
 }
 
-/// A boxed future, so [`KernelFactory`] stays object safe.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// Starts kernels whose working directory is a session folder.
 ///

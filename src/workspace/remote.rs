@@ -17,16 +17,14 @@
 //! - **Reads and listings** wait for the kernel: while a call runs they
 //!   queue behind it, bounded by the backend's time limit.
 
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{Change, FileInfo, ReadError, Snapshot, file_info};
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// Every regular file beneath a folder: path, size, mtime in ns.
 #[derive(Debug, Default, Clone)]
@@ -265,7 +263,6 @@ impl Remote {
             at += n as u64;
             last = self.files.write(root, name, buf, WriteMode::Append).await?;
         }
-        let _ = (&*file).seek(SeekFrom::Start(0));
         Ok(last)
     }
 

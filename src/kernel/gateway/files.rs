@@ -25,25 +25,23 @@ pub(super) fn snapshot_expr() -> String {
 }
 
 /// Code that installs `_mcp_fs` for the folder `root` (relative to the
-/// kernel's start folder, or absolute) and returns its absolute path.
-pub(super) fn install_code(root: &Path) -> String {
-    format!(
-        "{}\n__mcp_install_fs({}, {})\n",
-        include_str!("remote_fs.py"),
+/// kernel's start folder, or absolute; the module's `ROOT` is its absolute
+/// path). A resumed kernel keeps its module, unless the session's code
+/// removed it: `if_missing` installs it only then.
+pub(super) fn install_code(root: &Path, if_missing: bool) -> String {
+    let call = format!(
+        "__mcp_install_fs({}, {})",
         py_str(&root.to_string_lossy()),
         crate::workspace::MAX_TRACKED_FILES
-    )
-}
-
-/// Code that installs `_mcp_fs` unless the kernel has it (a resumed
-/// kernel keeps it, unless the session's code removed it).
-pub(super) fn install_if_missing(root: &Path) -> String {
+    );
+    let call = if if_missing {
+        format!("if '_mcp_fs' not in __import__('sys').modules:\n    {call}")
+    } else {
+        call
+    };
     format!(
-        "{}\nif '_mcp_fs' not in __import__('sys').modules:\n    __mcp_install_fs({}, {})\n\
-         del __mcp_install_fs\n",
-        include_str!("remote_fs.py"),
-        py_str(&root.to_string_lossy()),
-        crate::workspace::MAX_TRACKED_FILES
+        "{}\n{call}\ndel __mcp_install_fs\n",
+        include_str!("remote_fs.py")
     )
 }
 

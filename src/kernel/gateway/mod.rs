@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 pub use files::GatewayFiles;
 
+use super::local::STARTUP_CODE;
 use super::{BoxFuture, KernelError, KernelFactory, KernelHandle};
 use crate::workspace::remote::RemoteFiles;
 
@@ -65,9 +66,6 @@ pub struct GatewayKernelFactory {
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
-
-/// Start-up code of the local kernels, which remote kernels run too.
-const STARTUP_CODE: &str = include_str!("../startup.py");
 
 impl GatewayKernelFactory {
     /// Checks that the gateway answers and takes our token.
@@ -145,8 +143,8 @@ impl KernelFactory for GatewayKernelFactory {
                 .map_err(KernelError::Start)?;
             let setup = format!(
                 "{}import os as __mcp_os\n__mcp_os.chdir(__import__('_mcp_fs').ROOT)\n\
-                 del __mcp_os, __mcp_install_fs\n{STARTUP_CODE}",
-                files::install_code(workdir)
+                 del __mcp_os\n{STARTUP_CODE}",
+                files::install_code(workdir, false)
             );
             match self.attach(&id, workdir, setup).await {
                 Ok(h) => Ok(h),
@@ -174,7 +172,7 @@ impl KernelFactory for GatewayKernelFactory {
             }
             // The kernel kept its state, `_mcp_fs` included; install it again
             // only if the session's code removed it.
-            let setup = files::install_if_missing(workdir);
+            let setup = files::install_code(workdir, true);
             self.attach(resume_id, workdir, setup).await.map(Some)
         })
     }
