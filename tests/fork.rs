@@ -312,3 +312,29 @@ async fn a_template_that_may_not_fork_gives_way_to_launched_kernels() {
     assert!(!is_forked(kernel_pid(id).unwrap()), "a kernel was forked");
     let _ = client.cancel().await;
 }
+
+/// A forked and a launched kernel see the same file system: the working
+/// folder is the one inside the kernel's own view (so `..` is its parent
+/// there, not the host folder the view covers), and the folders made for
+/// that view may be passed through, not listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn forked_and_launched_kernels_see_the_same_folders() {
+    let probe = "import os\n\
+        def ls(p):\n    try:\n        os.listdir(p); return 'listed'\n    except OSError as e:\n        return type(e).__name__\n\
+        print(os.path.samestat(os.stat('..'), os.stat(os.path.dirname(os.getcwd()))), \
+        ls('..'), ls('/tmp'), sep='|')";
+    let mut seen = Vec::new();
+    for (extra, forked) in [(&[][..], true), (&["--no-fork"][..], false)] {
+        let s = start_boxed(Transport::Stdio, extra, None).await;
+        if forked {
+            wait_template(s.pid, None).await;
+        }
+        let (id, v) = s.new_session(probe).await;
+        assert_eq!(is_forked(kernel_pid(&id).unwrap()), forked);
+        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+        seen.push(out.concat().trim().to_string());
+        s.stop().await;
+    }
+    assert_eq!(seen[0], "True|PermissionError|listed", "forked");
+    assert_eq!(seen[1], seen[0], "launched");
+}

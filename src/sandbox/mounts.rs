@@ -157,10 +157,10 @@ fn make_private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, SandboxErro
     for (path, file) in &kept {
         let is_dir = file.metadata().map(|m| m.is_dir()).unwrap_or(false);
         if is_dir {
-            std::fs::create_dir_all(path).map_err(|e| fail(path, e))?;
+            mount_point_dirs(path).map_err(|e| fail(path, e))?;
         } else {
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| fail(path, e))?;
+                mount_point_dirs(parent).map_err(|e| fail(path, e))?;
             }
             File::create(path).map_err(|e| fail(path, e))?;
         }
@@ -169,7 +169,25 @@ fn make_private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, SandboxErro
     for (m, file) in &shared {
         share(m, file).map_err(|e| SandboxError::HostFolder(m.host.clone(), e))?;
     }
+    // The working folder the server gave us is the host's, now covered:
+    // enter it again by its path, in this view, so that `..` from it is its
+    // parent here (what a forked kernel, which enters it after the view is
+    // made, sees too). A working folder the view lacks is kept as it was.
+    if let Ok(cwd) = std::env::current_dir() {
+        let _ = std::env::set_current_dir(cwd);
+    }
     Ok(View { tmp: tmp.is_some() })
+}
+
+/// The folders on the way to a kept path, made in the view's covering
+/// file systems: 0711, so the kernel passes through them and lists none of
+/// them (as it cannot list the host's 0711 data folder they stand for).
+fn mount_point_dirs(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(path)
 }
 
 /// Binds the shared folder open as `source` at its target, alone (not
