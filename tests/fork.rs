@@ -338,3 +338,38 @@ async fn forked_and_launched_kernels_see_the_same_folders() {
     assert_eq!(seen[0], "True|PermissionError|listed", "forked");
     assert_eq!(seen[1], seen[0], "launched");
 }
+
+/// What a kernel's start derives from its environment (temporary folder,
+/// IPython's profile, matplotlib's cache) is its own in a forked kernel too,
+/// not the template's (which no kernel may reach), and what identifies a
+/// kernel on the wire differs between siblings.
+#[tokio::test(flavor = "multi_thread")]
+async fn forked_kernels_have_their_own_folders_and_identity() {
+    let s = start_boxed(Transport::Stdio, &[], None).await;
+    wait_template(s.pid, None).await;
+    let probe = "import os, tempfile, matplotlib\n\
+        ip = get_ipython()\n\
+        tmp = os.environ['TMPDIR']\n\
+        with tempfile.NamedTemporaryFile() as f:\n    made = os.path.dirname(f.name)\n\
+        cache = matplotlib.get_cachedir()\n\
+        open(os.path.join(cache, 'probe'), 'w').write('x')\n\
+        checks = [tempfile.gettempdir() == tmp, made == tmp,\n\
+                  ip.profile_dir.location.startswith(os.environ['IPYTHONDIR']),\n\
+                  os.access(ip.profile_dir.location, os.W_OK),\n\
+                  ip.starting_dir == os.getcwd(), ip.kernel is not None]\n\
+        print(checks, ip.kernel.ident, ip.kernel.session.session, sep='|')";
+    let mut idents = Vec::new();
+    for _ in 0..2 {
+        let (id, v) = s.new_session(probe).await;
+        assert!(is_forked(kernel_pid(&id).unwrap()));
+        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+        let out = out.concat();
+        let parts: Vec<&str> = out.trim().split('|').collect();
+        assert_eq!(parts.len(), 3, "{v:#}");
+        assert_eq!(parts[0], "[True, True, True, True, True, True]", "{v:#}");
+        idents.push((parts[1].to_string(), parts[2].to_string()));
+    }
+    assert_ne!(idents[0].0, idents[1].0, "kernel idents repeat");
+    assert_ne!(idents[0].1, idents[1].1, "session ids repeat");
+    s.stop().await;
+}

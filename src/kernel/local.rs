@@ -40,10 +40,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::actor::{Actor, StartupFiles};
-use super::template::{ForkRequest, Template, TemplateConfig};
+use super::template::{FORKED_STARTUP_CODE, ForkRequest, Forked, Template, TemplateConfig};
 use super::{BoxFuture, KernelError, KernelFactory, KernelHandle};
 use crate::sandbox::users::{UidLease, UidPool};
 use crate::sandbox::{AWAIT_FORK_ARG, SPEC_ENV, SYSTEM_WRITE, SandboxSpec, WRAPPER_ARG};
+
+/// ipykernel's options, the same for every kernel (after `-f CONNECTION_FILE`).
+/// The template applies them once, before the first fork (see
+/// `template.py`), so a forked kernel is started with exactly these.
+const KERNEL_OPTIONS: [&str; 2] = [
+    // The history database would start a thread per kernel, and keep a
+    // sqlite file in its profile; a session's history is ours.
+    "--HistoryManager.enabled=False",
+    "--Application.log_level=WARN",
+];
 
 /// Python run in every kernel before the user's first line (silently).
 pub(super) const STARTUP_CODE: &str = include_str!("startup.py");
@@ -208,12 +218,10 @@ impl LocalKernelFactory {
                 cmd
             }
         };
-        let kernel_args: Vec<String> = vec![
-            "-f".into(),
-            conn_file.to_string_lossy().into_owned(),
-            "--HistoryManager.enabled=False".into(),
-            "--Application.log_level=WARN".into(),
-        ];
+        let kernel_args: Vec<String> = ["-f".into(), conn_file.to_string_lossy().into_owned()]
+            .into_iter()
+            .chain(KERNEL_OPTIONS.iter().map(|o| o.to_string()))
+            .collect();
         let kernel_env: Vec<(&str, PathBuf)> = vec![
             ("TMPDIR", tmp.clone()),
             ("HOME", tmp.clone()),
@@ -255,6 +263,7 @@ impl LocalKernelFactory {
         };
         let pid = child.id();
         let mut lifeline = child.stdin.take();
+        let mut startup_code = STARTUP_CODE;
         if let (Some(template), Some(pipe)) = (template, lifeline.as_mut()) {
             let request = |plan| ForkRequest {
                 wrapper_pid: pid.unwrap_or(0),
@@ -279,12 +288,15 @@ impl LocalKernelFactory {
                 argv: kernel_args.clone(),
             };
             let word = match self.fork_into(&mut child, template, request).await {
-                Ok(ns_pid) => {
+                Ok(forked) => {
                     tracing::debug!(
                         "kernel forked {:?} after its wrapper started",
                         started.elapsed()
                     );
-                    format!("pid {ns_pid}\n")
+                    if forked.startup_loaded {
+                        startup_code = FORKED_STARTUP_CODE;
+                    }
+                    format!("pid {}\n", forked.ns_pid)
                 }
                 Err(e) => {
                     tracing::warn!("launching a kernel instead of forking it: {e}");
@@ -308,7 +320,7 @@ impl LocalKernelFactory {
 
         let files = StartupFiles {
             info,
-            startup_code: STARTUP_CODE.to_string(),
+            startup_code: startup_code.to_string(),
             private_dir: own,
             cgroup,
             start_timeout: self.config.start_timeout,
@@ -353,7 +365,7 @@ impl LocalKernelFactory {
         child: &mut tokio::process::Child,
         template: &Template,
         request: impl FnOnce(serde_json::Value) -> ForkRequest,
-    ) -> Result<u32, String> {
+    ) -> Result<Forked, String> {
         let Some(stdout) = child.stdout.take() else {
             return Err("no pipe from the wrapper".into());
         };
@@ -423,6 +435,7 @@ fn start_template(
             env: config.env.clone(),
             dir,
             modules,
+            options: KERNEL_OPTIONS.iter().map(|o| o.to_string()).collect(),
         },
         shutdown.child_token(),
         tracker,

@@ -1,4 +1,5 @@
-# Run silently in every kernel before the user's first line.
+# Run silently in every kernel before the user's first line (as a cell, or,
+# in a kernel forked from the template, as `_mcp_startup.setup()`).
 def __mcp_interpreter_setup():
     import warnings
 
@@ -300,5 +301,11 @@ def _guard_kaleido():
     sys.meta_path.insert(0, Finder())
 
 
-__mcp_interpreter_setup()
-del __mcp_interpreter_setup, _coalesce_streams, _guard_kaleido
+if __name__ == "_mcp_startup":
+    # Loaded once by the kernel template (template.py): a kernel forked from
+    # it runs this function as its whole start-up cell, instead of having
+    # IPython tokenize, hash and compile this file again.
+    setup = __mcp_interpreter_setup
+else:
+    __mcp_interpreter_setup()
+    del __mcp_interpreter_setup, _coalesce_streams, _guard_kaleido

@@ -68,6 +68,9 @@ pub(crate) struct TemplateConfig {
     pub dir: PathBuf,
     /// Modules imported before the first fork.
     pub modules: Vec<String>,
+    /// ipykernel's options (each `--Name=value`), applied once in the
+    /// template: every kernel it forks is started with exactly these.
+    pub options: Vec<String>,
 }
 
 /// What one forked kernel needs; sent to the template as one JSON line.
@@ -92,7 +95,21 @@ pub(crate) enum TemplateError {
     Fork(String),
 }
 
-type Reply = oneshot::Sender<Result<u32, TemplateError>>;
+/// A kernel the template forked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forked {
+    /// Its pid in the wrapper's PID namespace.
+    pub ns_pid: u32,
+    /// It has the server's start-up code loaded (the module `_mcp_startup`,
+    /// see `template.py`), so its start-up cell is [`FORKED_STARTUP_CODE`].
+    pub startup_loaded: bool,
+}
+
+/// The start-up cell of a kernel whose template loaded the start-up code.
+pub(crate) const FORKED_STARTUP_CODE: &str =
+    "__import__('sys').modules.pop('_mcp_startup').setup()";
+
+type Reply = oneshot::Sender<Result<Forked, TemplateError>>;
 
 /// A cheap handle to the task that owns the template.
 #[derive(Clone)]
@@ -112,8 +129,8 @@ impl Template {
         Self { requests: tx }
     }
 
-    /// Forks a kernel; `Ok` is its pid in the wrapper's PID namespace.
-    pub(crate) async fn fork(&self, request: &ForkRequest) -> Result<u32, TemplateError> {
+    /// Forks a kernel.
+    pub(crate) async fn fork(&self, request: &ForkRequest) -> Result<Forked, TemplateError> {
         let line =
             serde_json::to_string(request).map_err(|e| TemplateError::Fork(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
@@ -240,7 +257,10 @@ async fn own(
 }
 
 /// One request, one reply line. `Err` means the template is broken.
-async fn fork_one(running: &mut Running, line: &str) -> Result<Result<u32, TemplateError>, String> {
+async fn fork_one(
+    running: &mut Running,
+    line: &str,
+) -> Result<Result<Forked, TemplateError>, String> {
     let exchange = async {
         running.stdin.write_all(line.as_bytes()).await?;
         running.stdin.write_all(b"\n").await?;
@@ -260,11 +280,16 @@ async fn fork_one(running: &mut Running, line: &str) -> Result<Result<u32, Templ
     struct Answer {
         ok: bool,
         ns_pid: Option<u32>,
+        #[serde(default)]
+        startup: bool,
         error: Option<String>,
     }
     let a: Answer = serde_json::from_str(&reply).map_err(|e| format!("bad answer: {e}"))?;
     Ok(match (a.ok, a.ns_pid) {
-        (true, Some(pid)) if pid > 1 => Ok(pid),
+        (true, Some(pid)) if pid > 1 => Ok(Forked {
+            ns_pid: pid,
+            startup_loaded: a.startup,
+        }),
         _ => Err(TemplateError::Fork(
             a.error.unwrap_or_else(|| "no kernel pid".into()),
         )),
@@ -273,6 +298,10 @@ async fn fork_one(running: &mut Running, line: &str) -> Result<Result<u32, Templ
 
 /// Starts a template and waits until it has imported everything.
 async fn spawn(config: &TemplateConfig) -> Result<Running, String> {
+    // The start-up code every kernel runs, for the template to load once.
+    tokio::fs::write(config.dir.join("startup.py"), super::local::STARTUP_CODE)
+        .await
+        .map_err(|e| format!("cannot write its start-up code: {e}"))?;
     let mut cmd = tokio::process::Command::new(&config.python);
     // Kernels forked from it inherit its environment: only what `config.env`
     // names (the local kernels' allowlist), never the server's secrets.
@@ -280,12 +309,14 @@ async fn spawn(config: &TemplateConfig) -> Result<Running, String> {
     cmd.arg("-c")
         .arg(TEMPLATE_CODE)
         .arg(MARKER)
+        .args(&config.options)
         .args(&config.modules)
         .current_dir(&config.dir)
         .envs(&config.env)
         .env("HOME", &config.dir)
         .env("TMPDIR", &config.dir)
         .env("MPLCONFIGDIR", &config.dir)
+        .env("IPYTHONDIR", config.dir.join("ipython"))
         // One thread at fork time: OpenBLAS would otherwise start its
         // thread pool at import. Kernels keep this (their BLAS runs one
         // thread; the default CPU quota on small machines is one core).
