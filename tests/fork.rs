@@ -373,3 +373,70 @@ async fn forked_kernels_have_their_own_folders_and_identity() {
     assert_ne!(idents[0].1, idents[1].1, "session ids repeat");
     s.stop().await;
 }
+
+/// Kernels forked once the template has warmed up start on the template's
+/// ipykernel objects (and with its compiled start-up code); they behave as
+/// any kernel: streams in order, results, displays, errors, the execution
+/// count, `input()` refused, interrupts at the time limit, state kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn kernels_on_the_templates_objects_behave_as_any() {
+    let s = start_boxed(
+        Transport::Stdio,
+        &["--pool-size", "1", "--execution-timeout", "3"],
+        None,
+    )
+    .await;
+    wait_template(s.pid, None).await;
+    let marker = "import sys\n\
+        print(getattr(get_ipython().kernel.parent, '_mcp_from_template', False), \
+        '_mcp_startup' in sys.modules)";
+    // The first kernel may be forked before the warm-up: wait (bounded) for one after it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let (id, v) = s.new_session(marker).await;
+        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+        if out.concat().trim() == "True False" {
+            break id;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no kernel on the template's objects: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(is_forked(kernel_pid(&id).unwrap()));
+    let v = s
+        .exec(
+            &id,
+            "import sys\nfor i in range(3):\n    print('out', i, flush=True)\n    \
+             print('err', i, file=sys.stderr, flush=True)\n\
+             from IPython.display import display, Markdown\ndisplay(Markdown('**hi**'))\n41 + 1",
+        )
+        .await;
+    assert_eq!(result(&v), "42");
+    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    let text = out.concat();
+    let order: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("out") || l.starts_with("err"))
+        .collect();
+    assert_eq!(
+        order,
+        ["out 0", "err 0", "out 1", "err 1", "out 2", "err 2"],
+        "{v:#}"
+    );
+    assert!(text.contains("**hi**"), "{v:#}");
+    let v = s.exec(&id, "1/0").await;
+    assert_eq!(v["success"], false);
+    assert!(err(&v).contains("ZeroDivisionError"), "{v}");
+    let v = s.exec(&id, "input('name? ')").await;
+    assert_eq!(v["success"], false, "{v}");
+    let v = s.exec(&id, "import time\nkept = 7\ntime.sleep(60)").await;
+    assert!(err(&v).contains("Timeout"), "{v}");
+    assert_eq!(result(&s.exec(&id, "kept").await), "7");
+    assert_eq!(
+        result(&s.exec(&id, "get_ipython().execution_count").await),
+        result(&s.exec(&id, "get_ipython().execution_count - 1").await)
+    );
+    s.stop().await;
+}

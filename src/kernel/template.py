@@ -312,6 +312,7 @@ def _finish_prepared(argv):
             kernel_class.instance = make_kernel
     if app.kernel is not kernel or kernel.session is None:
         raise RuntimeError("the template's kernel object was not adopted")
+    app._mcp_from_template = True  # what tests/fork.rs looks for
     return app
 
 

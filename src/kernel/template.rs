@@ -13,12 +13,20 @@
 //! `/dev/shm`, masks, shared folders). It then prints what the kernel must
 //! apply to itself ([`crate::sandbox::ForkPlan`]: its uid, the Landlock
 //! ruleset computed by `sandbox/rules.rs`, limits, cgroups) and waits. The
-//! template forks a helper that joins those cgroups, sets those limits and
-//! enters the wrapper's namespaces (`setns`), and a kernel beneath it that
+//! template forks a helper into the wrapper's PID namespace that joins
+//! those cgroups, sets those limits and enters the wrapper's other
+//! namespaces (`setns`), and a kernel beneath it that
 //! drops to its uid, sets no_new_privs, applies the ruleset, reseeds, and
 //! only then starts ipykernel. The kernel's parent is then the wrapper,
 //! which the server owns as before: death detection, interrupts (forwarded
 //! by the wrapper), shutdown and the lifeline work unchanged.
+//!
+//! What a kernel's start does the same way in every kernel is done once in
+//! the template, after it has served the first request (`template.py`,
+//! `_prepare`): ipykernel's application and kernel object, with its shell,
+//! from [`TemplateConfig::options`]; the server's start-up code compiled as
+//! a module, so a kernel forked after that runs [`FORKED_STARTUP_CODE`]
+//! (the fork's answer, [`Forked`], says which).
 //!
 //! The template never runs session code: it reads requests only from a pipe
 //! only the server holds; it is root, in the host's namespaces, and no
