@@ -16,6 +16,12 @@ fn err(v: &serde_json::Value) -> String {
     v["error"].as_str().unwrap_or("").to_string()
 }
 
+/// What a call printed (its streams and displays), as one string.
+fn output(v: &serde_json::Value) -> String {
+    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
+    out.concat()
+}
+
 fn result(v: &serde_json::Value) -> String {
     assert_eq!(v["success"], true, "{v:#}");
     v["result"].as_str().unwrap_or("").to_string()
@@ -62,8 +68,7 @@ async fn forked_kernels_cannot_reach_siblings_or_the_template() {
         .await;
     let victim_pid = kernel_pid(&victim).expect("victim kernel");
     assert!(is_forked(victim_pid), "the victim's kernel was not forked");
-    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
-    let out = out.concat();
+    let out = output(&v);
     let mut lines = out.lines().map(str::to_string);
     let (conn, tmpdir) = (lines.next().unwrap(), lines.next().unwrap());
     let runtime = std::path::Path::new(&tmpdir)
@@ -183,8 +188,7 @@ async fn forked_sessions_draw_different_random_numbers_and_keys() {
     for _ in 0..3 {
         let (id, v) = s.new_session(draw).await;
         assert!(is_forked(kernel_pid(&id).unwrap()));
-        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
-        let r = out.concat();
+        let r = output(&v);
         let parts: Vec<String> = r.trim().split('|').map(str::to_string).collect();
         assert_eq!(parts.len(), 4, "{r}");
         for earlier in &seen {
@@ -331,8 +335,7 @@ async fn forked_and_launched_kernels_see_the_same_folders() {
         }
         let (id, v) = s.new_session(probe).await;
         assert_eq!(is_forked(kernel_pid(&id).unwrap()), forked);
-        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
-        seen.push(out.concat().trim().to_string());
+        seen.push(output(&v).trim().to_string());
         s.stop().await;
     }
     assert_eq!(seen[0], "True|PermissionError|listed", "forked");
@@ -362,8 +365,7 @@ async fn forked_kernels_have_their_own_folders_and_identity() {
     for _ in 0..2 {
         let (id, v) = s.new_session(probe).await;
         assert!(is_forked(kernel_pid(&id).unwrap()));
-        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
-        let out = out.concat();
+        let out = output(&v);
         let parts: Vec<&str> = out.trim().split('|').collect();
         assert_eq!(parts.len(), 3, "{v:#}");
         assert_eq!(parts[0], "[True, True, True, True, True, True]", "{v:#}");
@@ -394,8 +396,7 @@ async fn kernels_on_the_templates_objects_behave_as_any() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let id = loop {
         let (id, v) = s.new_session(marker).await;
-        let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
-        if out.concat().trim() == "True False" {
+        if output(&v).trim() == "True False" {
             break id;
         }
         assert!(
@@ -414,8 +415,7 @@ async fn kernels_on_the_templates_objects_behave_as_any() {
         )
         .await;
     assert_eq!(result(&v), "42");
-    let out: Vec<String> = serde_json::from_value(v["output"].clone()).unwrap();
-    let text = out.concat();
+    let text = output(&v);
     let order: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("out") || l.starts_with("err"))
