@@ -406,6 +406,18 @@ async fn kernels_on_the_templates_objects_behave_as_any() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(is_forked(kernel_pid(&id).unwrap()));
+    // Its messages are signed with its own connection file's key, by one
+    // session object (the template's warm-up used a throwaway one).
+    let v = s
+        .exec(
+            &id,
+            "import json, ipykernel\nip = get_ipython()\nk = ip.kernel\n\
+             key = json.load(open(ipykernel.get_connection_file()))['key'].encode()\n\
+             (k.session.key == key, len(key) > 0, ip.display_pub.session is k.session, \
+             ip.displayhook.session is k.session, ip.display_pub.pub_socket is k.iopub_socket)",
+        )
+        .await;
+    assert_eq!(result(&v), "(True, True, True, True, True)");
     let v = s
         .exec(
             &id,
