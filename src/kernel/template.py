@@ -6,14 +6,13 @@
 # (a pipe only the server holds) and answers one JSON line on stdout.
 #
 # Its start (main): the imports a kernel needs (ipykernel, --preload, what
-# a kernel's start imports), then `ready`. The first request is served at
-# once (a desktop client's first call); then the warm-up that makes later
-# kernels lighter and quicker: the server's start-up code compiled as a
-# module (_load_startup), and ipykernel's application and kernel object
-# made, with its IPython shell, and warmed by two cells of our own
-# (_prepare); a forked kernel then only makes its connection, sockets and
-# threads (_finish_prepared). Requests after the first wait for the
-# warm-up (about 0.3 s).
+# a kernel's start imports), the server's start-up code compiled as a module
+# (_load_startup), and ipykernel's application and kernel object made, with
+# its IPython shell (_prepare); then `ready`. A forked kernel only makes its
+# connection, sockets and threads (_finish_prepared). The first request is
+# served at once (a desktop client's first call); then the shell is warmed
+# by two cells of our own (_warm_up) and later requests wait for that
+# (about 0.15 s).
 #
 # For a request it points its children's PID namespace at the wrapper's and
 # forks a helper (so the helper is a process of that namespace), points it
@@ -79,9 +78,7 @@ _EXTRAS = [
 def _preload(modules):
     """What the first kernel needs: ipykernel and `modules`, with the inline
     backend as matplotlib's default (as ipykernel makes it in a launched
-    kernel). Everything else the template does, but importing what a
-    kernel's start imports (_import_extras), comes after the first fork is
-    possible (see main)."""
+    kernel)."""
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     import ipykernel.kernelapp  # noqa: F401
     import ipykernel.ipkernel  # noqa: F401
@@ -97,7 +94,7 @@ def _preload(modules):
         try:
             # The backend a kernel uses, loaded here; pyplot switches to it
             # now (its integration with a shell is made in _prepare, or by
-            # each kernel forked before that).
+            # each kernel where that failed).
             import matplotlib.pyplot as plt
             import matplotlib_inline.backend_inline  # noqa: F401
 
@@ -156,12 +153,11 @@ def _prepare(options):
     application, configured from the options every kernel gets (`options`:
     its command line minus the connection file), and its kernel object with
     the IPython shell (magics, formatters, completer, compiler), wired to
-    matplotlib's inline backend; one plotting cell and one expression are run
-    through the shell with their output discarded, so their code paths are
-    warm. A kernel then only makes what is its own (`_finish_prepared`): its
-    profile folder, connection file, session key, sockets, threads. Nothing
-    here holds a descriptor a kernel would keep (the helper closes them all)
-    or starts a thread (checked before every fork).
+    matplotlib's inline backend (_warm_up runs cells through it later). A
+    kernel then only makes what is its own (`_finish_prepared`): its profile
+    folder, connection file, session key, sockets, threads. Nothing here
+    holds a descriptor a kernel would keep (the helper closes them all) or
+    starts a thread (checked before every fork).
     """
     global _PREPARED
     import ipykernel
@@ -173,7 +169,6 @@ def _prepare(options):
         return
     from IPython.core.application import BaseIPythonApplication
     from ipykernel.kernelapp import IPKernelApp
-    from jupyter_client.session import Session
 
     try:
         # ipykernel's default ip: the local interfaces, found with psutil
@@ -188,34 +183,45 @@ def _prepare(options):
     BaseIPythonApplication.initialize(app, list(options))
     # As IPKernelApp.init_kernel makes it, less what a kernel's own start makes.
     kernel = app.kernel_class.instance(parent=app, log=app.log, profile_dir=app.profile_dir, user_ns=app.user_ns)
-    shell = kernel.shell
     inline = sys.modules.get("matplotlib_inline.backend_inline")
     if inline is not None:
         inline._enable_matplotlib_integration()
-    # Warm-up, output discarded; the namespace and caches are put back.
+    _PREPARED = (app, kernel, list(options))
+
+
+def _warm_up():
+    """Runs one plotting cell and one expression through the prepared shell,
+    output discarded, so their code paths are warm in kernels forked later;
+    the namespace and the results' caches are put back."""
+    from jupyter_client.session import Session
+
+    if _PREPARED is None:
+        return
+    shell = _PREPARED[1].shell
     user_ns = dict(shell.user_ns)
     hook, pub = shell.displayhook, shell.display_pub
     session = Session(key=b"template warm-up")
-    for o in (hook, pub):
-        o.session, o.pub_socket = session, _Discard()
-    cells = ["x = 1\nx"]
-    if "matplotlib.pyplot" in sys.modules:
-        cells.insert(0, "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")
-    for cell in cells:
-        result = shell.run_cell(cell, store_history=False)
-        if not result.success:
-            raise RuntimeError(f"warm-up cell failed: {result.error_in_exec or result.error_before_exec!r}")
-    if "matplotlib.pyplot" in sys.modules:
-        sys.modules["matplotlib.pyplot"].close("all")
-    for o in (hook, pub):
-        o.session = o.pub_socket = None
-    shell.user_ns.clear()
-    shell.user_ns.update(user_ns)
-    for name in ("_", "__", "___"):
-        if hasattr(hook, name):
-            setattr(hook, name, "")
-    shell.last_execution_result = None
-    _PREPARED = (app, kernel, list(options))
+    try:
+        for o in (hook, pub):
+            o.session, o.pub_socket = session, _Discard()
+        cells = ["x = 1\nx"]
+        if "matplotlib.pyplot" in sys.modules:
+            cells.insert(0, "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()")
+        for cell in cells:
+            result = shell.run_cell(cell, store_history=False)
+            if not result.success:
+                raise RuntimeError(f"warm-up cell failed: {result.error_in_exec or result.error_before_exec!r}")
+    finally:
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close("all")
+        for o in (hook, pub):
+            o.session = o.pub_socket = None
+        shell.user_ns.clear()
+        shell.user_ns.update(user_ns)
+        for name in ("_", "__", "___"):
+            if hasattr(hook, name):
+                setattr(hook, name, "")
+        shell.last_execution_result = None
 
 
 def _reset_prepared():
@@ -616,8 +622,8 @@ def _fork(req):
 
 class _Requests:
     """The server's requests, one JSON line each, read from the raw pipe so
-    the template can see whether one is waiting (`waiting`) between the
-    steps of its warm-up."""
+    the template can see whether one is waiting (`waiting`) before its
+    warm-up."""
 
     def __init__(self, fd):
         self.fd = fd
@@ -663,6 +669,18 @@ def main():
     _preload(modules)
     # What a kernel's start imports besides: needed by the first kernel too.
     _import_extras()
+    # Done here rather than in each kernel, the first one included: cheaper
+    # once in the template than in a kernel, where every page touched is
+    # copied.
+    try:
+        _load_startup()
+    except Exception as e:
+        _fail(f"cannot load the start-up code: {e!r}")
+    try:
+        _prepare(options)
+    except Exception as e:
+        _reset_prepared()  # kernels then make their application themselves
+        _fail(f"cannot prepare ipykernel's objects: {e!r}")
     if _threads() != 1:
         _fail(f"{_threads()} threads after the imports; forking would be unsafe")
         sys.exit(3)
@@ -681,37 +699,23 @@ def main():
     # template, and each page written here after a fork stops being shared
     # with the kernels forked before (it becomes theirs alone).
     #
-    # Forks are possible from here on: the server's first kernel (a desktop
-    # client's first call) waits for nothing else. The rest makes later
-    # kernels lighter and quicker (about 8 MB and 40 ms less each), so only
-    # that first request is served between its steps: the next ones (the
-    # rest of the pool) wait for the end of the warm-up, about 0.3 s.
-    def prepare():
-        try:
-            _prepare(options)
-        except Exception:
-            _reset_prepared()  # kernels then make their application themselves
-            raise
-
-    early = 1
-    # The server sends the requests it queued as soon as it reads `ready`:
-    # give the first one a moment to arrive before starting the next step.
-    patience = 0.05
-    for step in (_load_startup, prepare):
-        while early and requests.waiting(patience):
-            raw = requests.next()
-            if raw is None:
-                return
-            serve(raw)
-            early -= 1
-        patience = 0.0
-        try:
-            step()
-        except Exception as e:
-            _fail(f"warm-up step {step.__name__} failed: {e!r}")
-        if _threads() != 1:
-            _fail(f"{_threads()} threads after {step.__name__}; forking would be unsafe")
-            sys.exit(3)
+    # The first request (the server's first kernel, a desktop client's first
+    # call) is served before the warm-up; the next ones (the rest of the
+    # pool) wait for its end, about 0.15 s, and get a warm shell.
+    # (The server sends the requests it queued as soon as it reads `ready`:
+    # the first one is given a moment to arrive.)
+    if requests.waiting(0.05):
+        raw = requests.next()
+        if raw is None:
+            return
+        serve(raw)
+    try:
+        _warm_up()
+    except Exception as e:
+        _fail(f"warm-up failed: {e!r}")
+    if _threads() != 1:
+        _fail(f"{_threads()} threads after the warm-up; forking would be unsafe")
+        sys.exit(3)
     sys.stderr.write("kernel template: warm-up done\n")
     sys.stderr.flush()
     while (raw := requests.next()) is not None:

@@ -22,11 +22,11 @@
 //! by the wrapper), shutdown and the lifeline work unchanged.
 //!
 //! What a kernel's start does the same way in every kernel is done once in
-//! the template, after it has served the first request (`template.py`,
-//! `_prepare`): ipykernel's application and kernel object, with its shell,
-//! from [`TemplateConfig::options`]; the server's start-up code compiled as
-//! a module, so a kernel forked after that runs [`FORKED_STARTUP_CODE`]
-//! (the fork's answer, [`Forked`], says which).
+//! the template, before it says it is ready (`template.py`, `_prepare`):
+//! ipykernel's application and kernel object, with its shell, from
+//! [`TemplateConfig::options`]; the server's start-up code compiled as a
+//! module, so a kernel runs [`FORKED_STARTUP_CODE`] instead (the fork's
+//! answer, [`Forked`], says whether it can).
 //!
 //! The template never runs session code: it reads requests only from a pipe
 //! only the server holds; it is root, in the host's namespaces, and no
