@@ -76,17 +76,15 @@ _EXTRAS = [
 
 
 def _preload(modules):
-    """What the first kernel needs: ipykernel and `modules`, with the inline
-    backend as matplotlib's default (as ipykernel makes it in a launched
-    kernel)."""
+    """What the first kernel needs: ipykernel, `modules` and what a kernel's
+    start imports besides (_EXTRAS), with the inline backend as matplotlib's
+    default (as ipykernel makes it in a launched kernel)."""
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     import ipykernel.kernelapp  # noqa: F401
     import ipykernel.ipkernel  # noqa: F401
     import ipykernel.zmqshell  # noqa: F401
-    for name in modules:
+    for name in [m if m != "matplotlib" else "matplotlib.pyplot" for m in modules] + _EXTRAS:
         try:
-            if name == "matplotlib":
-                name = "matplotlib.pyplot"
             __import__(name)
         except Exception as e:  # a missing module is not the template's failure
             _fail(f"cannot import {name}: {e!r}")
@@ -101,14 +99,6 @@ def _preload(modules):
             plt.switch_backend(os.environ["MPLBACKEND"])
         except Exception as e:
             _fail(f"cannot load matplotlib's inline backend: {e!r}")
-
-
-def _import_extras():
-    for name in _EXTRAS:
-        try:
-            __import__(name)
-        except Exception as e:
-            _fail(f"cannot import {name}: {e!r}")
 
 
 def _load_startup():
@@ -256,8 +246,9 @@ def _finish_prepared(argv):
         raise RuntimeError(f"kernel options {rest} differ from the template's {options}")
     shell = kernel.shell
     cwd = os.getcwd()
+    ipython_dir = os.environ.get("IPYTHONDIR", shell.ipython_dir)
     # The shell's folders are this kernel's (the template's are unreachable).
-    shell.ipython_dir = os.environ.get("IPYTHONDIR", shell.ipython_dir)
+    shell.ipython_dir = ipython_dir
     shell.starting_dir = cwd
     shell.home_dir = get_home_dir()
     dir_hist = getattr(shell.history_manager, "dir_hist", None)
@@ -272,7 +263,7 @@ def _finish_prepared(argv):
         # The template parsed the options; the connection file and profile
         # folder are this kernel's.
         self.connection_file = conn
-        self.ipython_dir = os.environ.get("IPYTHONDIR", self.ipython_dir)
+        self.ipython_dir = ipython_dir
         self.profile_dir = None
         self.init_profile_dir()
 
@@ -339,7 +330,6 @@ _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWPID = 0x20000000
 _PR_SET_NO_NEW_PRIVS = 38
-_TEMPLATE_PID = os.getpid()
 # Where the template's children are born between forks (see _fork).
 _OWN_PID_NS = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -573,18 +563,11 @@ def _fork(req):
     wrapper = int(req["wrapper_pid"])
     spaces = {ns: os.open(f"/proc/{wrapper}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("net", "pid", "mnt")}
     r, w = os.pipe()
-    pid = -1
     try:
         # Our children are born in the wrapper's PID namespace, until we
         # point this back at our own (two forks per kernel, not three).
         _check(_libc.setns(spaces["pid"], _CLONE_NEWPID), "setns pid")
-        try:
-            pid = os.fork()
-        finally:
-            if os.getpid() == _TEMPLATE_PID and _libc.setns(_OWN_PID_NS, _CLONE_NEWPID) != 0:
-                # Every later kernel would be born in this one's namespace.
-                _fail("cannot return to the template's own PID namespace; exiting")
-                os._exit(4)
+        pid = os.fork()
         if pid == 0:
             os.close(r)
             code = 0
@@ -597,14 +580,18 @@ def _fork(req):
                 except OSError:
                     pass
             os._exit(code)
+    except BaseException:
+        os.close(r)
+        raise
     finally:
-        if os.getpid() == _TEMPLATE_PID:
-            for fd in spaces.values():
-                os.close(fd)
-            if pid < 0:
-                os.close(r)
-                os.close(w)
-    os.close(w)
+        # Only the template gets here (the helper exits above).
+        if _libc.setns(_OWN_PID_NS, _CLONE_NEWPID) != 0:
+            # Every later kernel would be born in that kernel's namespace.
+            _fail("cannot return to the template's own PID namespace; exiting")
+            os._exit(4)
+        for fd in spaces.values():
+            os.close(fd)
+        os.close(w)
     chunks = []
     while True:
         b = os.read(r, 4096)
@@ -620,46 +607,13 @@ def _fork(req):
     return {"ok": False, "error": line[0] if line else "the kernel ended before it was confined"}
 
 
-class _Requests:
-    """The server's requests, one JSON line each, read from the raw pipe so
-    the template can see whether one is waiting (`waiting`) before its
-    warm-up."""
-
-    def __init__(self, fd):
-        self.fd = fd
-        self.buf = b""
-        self.eof = False
-
-    def _read(self, timeout):
-        import select
-
-        if select.select([self.fd], [], [], timeout)[0]:
-            chunk = os.read(self.fd, 65536)
-            self.buf += chunk
-            self.eof = not chunk
-
-    def waiting(self, timeout=0.0):
-        if b"\n" not in self.buf and not self.eof:
-            self._read(timeout)
-        return b"\n" in self.buf or self.eof
-
-    def next(self):
-        """The next request, waiting for it; None once the server is gone."""
-        while b"\n" not in self.buf and not self.eof:
-            self._read(None)
-        if b"\n" not in self.buf:
-            return None
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
-
-
 def main():
     # After our name (a marker): ipykernel's options, then the modules.
     options = [a for a in sys.argv[2:] if a.startswith("--")]
     modules = [m for m in sys.argv[2:] if m and not m.startswith("--")]
     # The control pipe gets its own descriptors; whatever an import prints
     # goes to stderr. (Both are closed in every kernel.)
-    requests = _Requests(os.dup(0))
+    control_in = os.fdopen(os.dup(0), "rb")
     out = os.fdopen(os.dup(1), "wb")
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
@@ -667,8 +621,6 @@ def main():
     os.dup2(2, 1)
     gc.disable()
     _preload(modules)
-    # What a kernel's start imports besides: needed by the first kernel too.
-    _import_extras()
     # Done here rather than in each kernel, the first one included: cheaper
     # once in the template than in a kernel, where every page touched is
     # copied.
@@ -703,10 +655,13 @@ def main():
     # call) is served before the warm-up; the next ones (the rest of the
     # pool) wait for its end, about 0.15 s, and get a warm shell.
     # (The server sends the requests it queued as soon as it reads `ready`:
-    # the first one is given a moment to arrive.)
-    if requests.waiting(0.05):
-        raw = requests.next()
-        if raw is None:
+    # the first one is given a moment to arrive. Nothing is buffered yet, so
+    # select sees what the pipe holds.)
+    import select
+
+    if select.select([control_in], [], [], 0.05)[0]:
+        raw = control_in.readline()
+        if not raw:
             return
         serve(raw)
     try:
@@ -718,7 +673,7 @@ def main():
         sys.exit(3)
     sys.stderr.write("kernel template: warm-up done\n")
     sys.stderr.flush()
-    while (raw := requests.next()) is not None:
+    for raw in control_in:
         serve(raw)
 
 
