@@ -207,3 +207,32 @@ async fn process_limit_holds() {
     assert_eq!(s.exec(&id, "x + 1").await["result"], "2");
     s.stop().await;
 }
+
+/// A server whose temporary folder is `/dev/shm` (TMPDIR=/dev/shm: its
+/// kernels' runtime folders go there, and every kernel's view covers
+/// `/dev/shm` with a private tmpfs) and whose data folder is there too:
+/// kernels start, write to their session folder, and what they write in
+/// `/dev/shm` stays in their own. (Before the fix, those folders vanished from the kernel's
+/// view: ipykernel found no connection file and no call was ever answered.)
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_and_data_folders_under_dev_shm_still_work() {
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        return;
+    }
+    let data = tempfile::tempdir_in("/dev/shm").unwrap();
+    let s = common::start_in(data, std::path::Path::new("/dev/shm")).await;
+    let probe = format!("/dev/shm/probe-{}", std::process::id());
+    let (id, v) = s
+        .new_session(&format!(
+            "open('out.txt', 'w').write('kept')\nopen({probe:?}, 'w').write('private')"
+        ))
+        .await;
+    assert_eq!(v["success"], json!(true), "{v}");
+    assert!(
+        !std::path::Path::new(&probe).exists(),
+        "the kernel wrote the host's /dev/shm"
+    );
+    let written = s.session_folder(&id).join("out.txt");
+    assert_eq!(std::fs::read_to_string(&written).unwrap(), "kept");
+    s.stop().await;
+}

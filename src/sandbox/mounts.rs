@@ -91,6 +91,12 @@ fn make_private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, SandboxErro
     if spec.private_tmp.is_some() {
         covered.push(Path::new("/tmp"));
     }
+    // Covered by an empty tmpfs below: what the kernel keeps there (a
+    // runtime or data folder under TMPDIR=/dev/shm) is bound back too.
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        covered.push(shm);
+    }
     let base = Path::new(MOUNT_BASE);
     let cover_base = spec.host_mounts.iter().any(|m| m.target.starts_with(base));
     if cover_base {
@@ -144,7 +150,6 @@ fn make_private_view(spec: &SandboxSpec, pid1: bool) -> Result<View, SandboxErro
     if let Some(t) = &tmp {
         bind_fd(t, Path::new("/tmp")).map_err(|e| fail(Path::new("/tmp"), e))?;
     }
-    let shm = Path::new("/dev/shm");
     if shm.is_dir() {
         let _ = mount(
             Some("tmpfs"),

@@ -292,12 +292,31 @@ pub async fn start_on_gateway(
         &[],
         tempfile::tempdir().unwrap(),
         Some(gateway),
+        &[],
     )
     .await
 }
 
 pub async fn start_with_token(transport: Transport, extra: &[&str], token: Option<&str>) -> Server {
     start_inner(transport, extra, token, Boxing::None, &[]).await
+}
+
+/// A stdio server whose data folder is `data_dir` and whose temporary
+/// folder (where its kernels' runtime folders go) is `tmp`.
+pub async fn start_in(data_dir: tempfile::TempDir, tmp: &std::path::Path) -> Server {
+    let tmp = tmp.display().to_string();
+    let env = [("TMPDIR", tmp.as_str())];
+    start_on(
+        Transport::Stdio,
+        &[],
+        None,
+        Boxing::None,
+        &[],
+        data_dir,
+        None,
+        &env,
+    )
+    .await
 }
 
 async fn start_inner(
@@ -315,6 +334,7 @@ async fn start_inner(
         writable,
         tempfile::tempdir().unwrap(),
         None,
+        &[],
     )
     .await
 }
@@ -327,6 +347,7 @@ async fn start_on(
     writable: &[&std::path::Path],
     data_dir: tempfile::TempDir,
     gateway: Option<gateway::Gateway>,
+    env: &[(&str, &str)],
 ) -> Server {
     let gateway = match (gateway, gateway::Kind::from_env()) {
         (Some(g), _) => Some(g),
@@ -344,6 +365,7 @@ async fn start_on(
             cmd.arg("--transport")
                 .arg("stdio")
                 .args(&args)
+                .envs(env.iter().copied())
                 .env("LOG_LEVEL", "error");
             let (proc, _stderr) = TokioChildProcess::builder(cmd)
                 .stderr(Stdio::inherit())
@@ -364,6 +386,7 @@ async fn start_on(
             let mut child = server_command(data_dir.path(), boxing, writable)
                 .args(["--transport", "http", "--host", "127.0.0.1", "--port", "0"])
                 .args(&args)
+                .envs(env.iter().copied())
                 .env("LOG_LEVEL", "error")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -460,6 +483,7 @@ impl Server {
             &[],
             self.data_dir,
             self.gateway.take(),
+            &[],
         )
         .await
     }
