@@ -339,6 +339,8 @@ async fn start_inner(
     .await
 }
 
+// Every way a test starts a server goes through here.
+#[allow(clippy::too_many_arguments)]
 async fn start_on(
     transport: Transport,
     extra: &[&str],
