@@ -14,16 +14,17 @@
 # by two cells of our own (_warm_up) and later requests wait for that
 # (about 0.15 s).
 #
-# For a request it points its children's PID namespace at the wrapper's and
-# forks a helper (so the helper is a process of that namespace), points it
-# back, and the helper, still root and single-threaded:
+# For a request it points its children's PID namespace at the wrapper's,
+# forks the kernel (so the kernel is a process of that namespace) and
+# points it back. The kernel is the template's child: the template reaps it
+# when it ends and tells its wrapper the exit code (see _KERNELS). The
+# kernel, still root and single-threaded:
 #   - points stdin/stdout at /dev/null and stderr at the wrapper's stderr
 #     (the server's per-kernel log pipe),
 #   - joins the kernel's cgroups and sets its rlimits,
 #   - enters the wrapper's network and mount namespaces (setns),
-#   - closes every other descriptor, forks the kernel and exits: the
-#     kernel's parent is then the wrapper, the namespace's init.
-# The kernel, before any of its own code runs: starts a session of its own,
+#   - closes every other descriptor.
+# Then, before any of its own code runs, it starts a session of its own,
 # drops to its uid (no supplementary groups), sets its umask and
 # no_new_privs, applies the Landlock ruleset the wrapper computed (rules.rs:
 # the policy is Rust's, only its application is repeated here), reseeds every
@@ -490,12 +491,10 @@ def _become_kernel(req, report):
     app.start()
 
 
-def _helper(req, report, spaces):
-    """The forked helper, already a process of the wrapper's PID namespace
-    (see _fork): enters the rest of the prepared environment, forks the
-    kernel and exits, so that the kernel's parent becomes the namespace's
-    init, the wrapper (an orphan goes to the init of its dead parent's PID
-    namespace: ours, not the host's)."""
+def _enter(req, report, spaces):
+    """In the forked kernel, already a process of the wrapper's PID
+    namespace (see _fork), still root and single-threaded: enters the rest
+    of the prepared environment."""
     plan = req["plan"]
     wrapper = int(req["wrapper_pid"])
     null = os.open("/dev/null", os.O_RDWR)
@@ -523,14 +522,12 @@ def _helper(req, report, spaces):
     # Nothing of the template's survives but stdio and the report pipe.
     os.closerange(3, report)
     os.closerange(report + 1, 65536)
-    if os.fork() == 0:
-        _run_kernel(req, report)
-    os._exit(0)
 
 
-def _run_kernel(req, report):
+def _run_kernel(req, report, spaces):
     code = 1
     try:
+        _enter(req, report, spaces)
         _become_kernel(req, report)
         code = 0
     except SystemExit as e:
@@ -554,6 +551,16 @@ def _run_kernel(req, report):
         os._exit(code)
 
 
+# Kernels are the template's children (one fork each): a pidfd of each ->
+# (its pid, the wrapper's stdin or None). When a kernel ends, the template
+# reaps it and writes `exit CODE` on its wrapper's stdin (the server's
+# lifeline pipe, which the wrapper reads): the wrapper, the namespace's
+# init, then exits with that code, as it would for a child of its own.
+# Kernels that failed before they were confined are reaped silently (their
+# wrapper is told to launch a kernel instead).
+_KERNELS = {}
+
+
 def _fork(req):
     if _threads() != 1:
         return {"ok": False, "error": f"the template has {_threads()} threads; refusing to fork"}
@@ -561,37 +568,36 @@ def _fork(req):
     # collections never scan (so never write) the template's objects.
     gc.freeze()
     wrapper = int(req["wrapper_pid"])
-    spaces = {ns: os.open(f"/proc/{wrapper}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("net", "pid", "mnt")}
-    r, w = os.pipe()
+    report_to = os.open(f"/proc/{wrapper}/fd/0", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    spaces = {}
+    r = w = -1
     try:
+        for ns in ("net", "pid", "mnt"):
+            spaces[ns] = os.open(f"/proc/{wrapper}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+        r, w = os.pipe()
         # Our children are born in the wrapper's PID namespace, until we
-        # point this back at our own (two forks per kernel, not three).
+        # point this back at our own.
         _check(_libc.setns(spaces["pid"], _CLONE_NEWPID), "setns pid")
         pid = os.fork()
         if pid == 0:
             os.close(r)
-            code = 0
-            try:
-                _helper(req, w, spaces)
-            except BaseException as e:
-                code = 1
-                try:
-                    os.write(w, f"error {e!r}\n".encode())
-                except OSError:
-                    pass
-            os._exit(code)
+            _run_kernel(req, w, spaces)  # never returns
     except BaseException:
-        os.close(r)
+        for fd in (r, report_to):
+            if fd >= 0:
+                os.close(fd)
         raise
     finally:
-        # Only the template gets here (the helper exits above).
+        # Only the template gets here (the kernel ends in _run_kernel).
         if _libc.setns(_OWN_PID_NS, _CLONE_NEWPID) != 0:
             # Every later kernel would be born in that kernel's namespace.
             _fail("cannot return to the template's own PID namespace; exiting")
             os._exit(4)
         for fd in spaces.values():
             os.close(fd)
-        os.close(w)
+        if w >= 0:
+            os.close(w)
+    watch = os.pidfd_open(pid)
     chunks = []
     while True:
         b = os.read(r, 4096)
@@ -599,12 +605,63 @@ def _fork(req):
             break
         chunks.append(b)
     os.close(r)
-    os.waitpid(pid, 0)
     line = b"".join(chunks).decode(errors="replace").strip().splitlines()
     if line and line[0].startswith("ok "):
+        _KERNELS[watch] = (pid, report_to)
         # `startup`: the kernel has _mcp_startup (see _load_startup).
         return {"ok": True, "ns_pid": int(line[0][3:]), "startup": "_mcp_startup" in sys.modules}
+    os.close(report_to)
+    _KERNELS[watch] = (pid, None)
     return {"ok": False, "error": line[0] if line else "the kernel ended before it was confined"}
+
+
+def _reap(watch, poller):
+    """The kernel `watch` is a pidfd of has ended: reaps it and tells its
+    wrapper how it ended."""
+    pid, report_to = _KERNELS.pop(watch)
+    poller.unregister(watch)
+    os.close(watch)
+    try:
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except ChildProcessError:
+        code = 1
+    if report_to is not None:
+        try:
+            os.write(report_to, f"exit {128 - code if code < 0 else code}\n".encode())
+        except OSError:
+            pass  # the wrapper is gone already
+        os.close(report_to)
+
+
+def _serve(control, buf, serve, limit=None):
+    """Serves the requests on `control` (a descriptor; `buf` what was read
+    of it already), reaping kernels as they end, until `limit` requests
+    were served (None: until the server closes the pipe). Returns what was
+    read beyond them, or None at the pipe's end."""
+    import select
+
+    poller = select.poll()
+    poller.register(control, select.POLLIN)
+    for watch in _KERNELS:
+        poller.register(watch, select.POLLIN)
+    served = 0
+    while limit is None or served < limit:
+        if b"\n" in buf:
+            raw, buf = buf.split(b"\n", 1)
+            serve(raw)
+            served += 1
+            for watch in _KERNELS:
+                poller.register(watch, select.POLLIN)  # new ones (re-registering is harmless)
+            continue
+        for fd, _ in poller.poll():
+            if fd == control:
+                chunk = os.read(control, 65536)
+                if not chunk:
+                    return None
+                buf += chunk
+            elif fd in _KERNELS:
+                _reap(fd, poller)
+    return buf
 
 
 def main():
@@ -613,7 +670,7 @@ def main():
     modules = [m for m in sys.argv[2:] if m and not m.startswith("--")]
     # The control pipe gets its own descriptors; whatever an import prints
     # goes to stderr. (Both are closed in every kernel.)
-    control_in = os.fdopen(os.dup(0), "rb")
+    control = os.dup(0)
     out = os.fdopen(os.dup(1), "wb")
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
@@ -635,6 +692,11 @@ def main():
         _fail(f"cannot prepare ipykernel's objects: {e!r}")
     if _threads() != 1:
         _fail(f"{_threads()} threads after the imports; forking would be unsafe")
+        sys.exit(3)
+    try:
+        os.close(os.pidfd_open(os.getpid()))  # how kernels are watched (Linux 5.3)
+    except (AttributeError, OSError) as e:
+        _fail(f"cannot watch kernels with a pidfd: {e!r}")
         sys.exit(3)
     out.write(b'{"ready": true}\n')
     out.flush()
@@ -659,11 +721,11 @@ def main():
     # select sees what the pipe holds.)
     import select
 
-    if select.select([control_in], [], [], 0.05)[0]:
-        raw = control_in.readline()
-        if not raw:
+    buf = b""
+    if select.select([control], [], [], 0.05)[0]:
+        buf = _serve(control, buf, serve, limit=1)
+        if buf is None:
             return
-        serve(raw)
     try:
         _warm_up()
     except Exception as e:
@@ -673,8 +735,7 @@ def main():
         sys.exit(3)
     sys.stderr.write("kernel template: warm-up done\n")
     sys.stderr.flush()
-    for raw in control_in:
-        serve(raw)
+    _serve(control, buf, serve)
 
 
 if __name__ == "__main__":

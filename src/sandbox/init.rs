@@ -17,10 +17,14 @@
 //!
 //! A forked kernel (see `kernel::template`): init prints the [`super::ForkPlan`]
 //! on stdout once the namespaces are made, then reads one line on stdin:
-//! `pid N` (the template forked the kernel into this namespace as pid N; its
-//! parent is init once the template's helper has exited) or `launch` (no
-//! template: start the kernel as above). The kernel leads a session of its
-//! own, so init forwards the signals the server sends its process group
+//! `pid N` (the template forked the kernel into this namespace as pid N) or
+//! `launch` (no template: start the kernel as above). A forked kernel is
+//! the template's child, not init's: the template reaps it and writes
+//! `exit CODE` on init's stdin (the server's lifeline pipe), and init exits
+//! with that code; that line may even come before the server's word. Init
+//! reaps the namespace's orphans as they come (SIGCHLD), the kernel among
+//! them if the template died first. The kernel leads a session of its own,
+//! so init forwards the signals the server sends its process group
 //! (interrupts) to the kernel's group.
 
 use std::io::{BufRead, Read};
@@ -57,17 +61,35 @@ pub(super) fn await_fork(plan: &str, fallback: Command) -> SandboxError {
         std::process::exit(1);
     }
     let mut stdin = std::io::BufReader::new(std::io::stdin());
-    let mut line = String::new();
-    if !matches!(stdin.read_line(&mut line), Ok(n) if n > 0) {
-        std::process::exit(137); // the server is gone
-    }
-    let kernel = match line.trim().strip_prefix("pid ") {
-        Some(n) => match n.parse::<i32>() {
-            Ok(n) if n > 1 => Pid::from_raw(n),
-            _ => return SandboxError::Spec(format!("bad kernel pid {n:?}")),
-        },
-        None => return run_with(fallback, stdin),
+    // The template may tell how the kernel ended (`exit CODE`) before the
+    // server's word arrives: a kernel that died at once.
+    let mut ended = None;
+    let kernel = loop {
+        let mut line = String::new();
+        if !matches!(stdin.read_line(&mut line), Ok(n) if n > 0) {
+            std::process::exit(137); // the server is gone
+        }
+        if let Some(code) = exit_code(&line) {
+            ended = Some(code);
+            continue;
+        }
+        match line.trim().strip_prefix("pid ") {
+            Some(n) => match n.parse::<i32>() {
+                Ok(n) if n > 1 => break Pid::from_raw(n),
+                _ => return SandboxError::Spec(format!("bad kernel pid {n:?}")),
+            },
+            None => return run_with(fallback, stdin),
+        }
     };
+    if let Some(code) = ended {
+        std::process::exit(code);
+    }
+    // Orphans of the namespace come to us (SIGCHLD, taken by the main
+    // thread below); the kernel is the template's child, not ours.
+    // Blocked here, before any thread exists.
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    let _ = chld.thread_block();
     if forwarded.thread_block().is_ok() {
         std::thread::spawn(move || {
             while let Ok(sig) = forwarded.wait() {
@@ -75,8 +97,43 @@ pub(super) fn await_fork(plan: &str, fallback: Command) -> SandboxError {
             }
         });
     }
-    watch_lifeline(stdin);
-    reap_until(kernel)
+    std::thread::spawn(move || {
+        // The lifeline, on which the template also writes `exit CODE`.
+        let mut line = String::new();
+        while matches!(stdin.read_line(&mut line), Ok(n) if n > 0) {
+            if let Some(code) = exit_code(&line) {
+                std::process::exit(code);
+            }
+            line.clear();
+        }
+        std::process::exit(137);
+    });
+    loop {
+        let _ = chld.wait();
+        reap_orphans(kernel);
+    }
+}
+
+/// `exit CODE`: how the template says a forked kernel ended.
+fn exit_code(line: &str) -> Option<i32> {
+    line.trim().strip_prefix("exit ")?.parse().ok()
+}
+
+/// Reaps every orphan that has ended; exits with `kernel`'s status if it
+/// was one of them (the template died first, and its children came to us).
+fn reap_orphans(kernel: Pid) {
+    use nix::sys::wait::WaitPidFlag;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == kernel => std::process::exit(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == kernel => {
+                std::process::exit(128 + sig as i32)
+            }
+            Ok(WaitStatus::StillAlive) => return,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return, // no children
+        }
+    }
 }
 
 /// Runs `cmd` as our child and never returns (but on a failed start).
