@@ -13,13 +13,14 @@
 //! `/dev/shm`, masks, shared folders). It then prints what the kernel must
 //! apply to itself ([`crate::sandbox::ForkPlan`]: its uid, the Landlock
 //! ruleset computed by `sandbox/rules.rs`, limits, cgroups) and waits. The
-//! template forks a helper into the wrapper's PID namespace that joins
-//! those cgroups, sets those limits and enters the wrapper's other
-//! namespaces (`setns`), and a kernel beneath it that
-//! drops to its uid, sets no_new_privs, applies the ruleset, reseeds, and
-//! only then starts ipykernel. The kernel's parent is then the wrapper,
-//! which the server owns as before: death detection, interrupts (forwarded
-//! by the wrapper), shutdown and the lifeline work unchanged.
+//! template forks the kernel into the wrapper's PID namespace; the kernel
+//! joins those cgroups, sets those limits, enters the wrapper's other
+//! namespaces (`setns`), drops to its uid, sets no_new_privs, applies the
+//! ruleset, reseeds, and only then starts ipykernel. The kernel is the
+//! template's child, which reaps it and writes `exit CODE` on the wrapper's
+//! stdin; the wrapper, which the server owns as before, exits with that
+//! code: death detection, interrupts (forwarded by the wrapper), shutdown
+//! and the lifeline work unchanged.
 //!
 //! What a kernel's start does the same way in every kernel is done once in
 //! the template, before it says it is ready (`template.py`, `_prepare`):

@@ -4,7 +4,9 @@
 //! - a fresh `/proc` when the wrapper is PID 1 of its own PID namespace, so
 //!   the kernel sees only its own processes;
 //! - the kernel's private folder bound over `/tmp`, and an empty tmpfs over
-//!   `/dev/shm` (nothing is shared with other kernels through either);
+//!   `/dev/shm` (nothing is shared with other kernels through either; kept
+//!   folders beneath either, such as runtime folders under TMPDIR=/dev/shm,
+//!   are bound back as beneath a mask);
 //! - each folder of `masks` (private folders such as `/root` on the way to
 //!   the Python installation or the session folder) replaced by an empty
 //!   tmpfs, into which the kept folders beneath it are bound back at their
