@@ -175,26 +175,35 @@ def uss_kb(pid):
         return None
 
 
-def parent_pid(pid):
+def wrapper_of(pid):
+    """The kernel's sandbox wrapper (our binary, the init of the kernel's PID
+    namespace), or None. Not always its parent: a forked kernel is the
+    template's child."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+        ns = os.readlink(f"/proc/{pid}/ns/pid")
+    except (OSError, TypeError):
         return None
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{p}/ns/pid_for_children") != ns or int(p) == pid:
+                continue
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"__kernel-sandbox" in f.read():
+                    return int(p)
+        except OSError:
+            pass
+    return None
 
 
 def session_rss_kb(pid):
     """RSS of a kernel plus, when it runs in a PID namespace, its sandbox
     wrapper (the namespace's init, our binary): what a session costs."""
     kb = rss_kb(pid)
-    parent = parent_pid(pid)
-    if kb is not None and parent:
-        try:
-            with open(f"/proc/{parent}/cmdline", "rb") as f:
-                if b"__kernel-sandbox" in f.read():
-                    kb += rss_kb(parent) or 0
-        except OSError:
-            pass
+    wrapper = wrapper_of(pid)
+    if kb is not None and wrapper:
+        kb += rss_kb(wrapper) or 0
     return kb
 
 
@@ -1066,7 +1075,7 @@ async def measure_stack(stack, binary, kernel_python, errlog, extra, n):
         out["first_call_s"].append(t)
         pid = await ours.kernel_pid(s["session_id"])
         out["idle_uss_kb"].append(uss_kb(pid))
-        wrapper = parent_pid(pid)
+        wrapper = wrapper_of(pid)
         out["idle_session_uss_kb"].append((uss_kb(pid) or 0) + (uss_kb(wrapper) or 0))
         out.setdefault("forked", []).append(kernel_is_forked(pid))
         await ours.clear(s["session_id"])
