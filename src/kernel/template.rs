@@ -429,31 +429,17 @@ async fn adopt_orphans(adoptees: Adoptees, cancel: CancellationToken) {
         Ok(s) => s,
         Err(e) => return tracing::warn!("cannot watch for orphaned kernels: {e}"),
     };
-    // At shutdown the template is stopped while its kernels are still
-    // ending: they come to us then, so this task outlives the others until
-    // every kernel is accounted for (or a bound passes), looking again
-    // every 100 ms besides SIGCHLD.
-    let mut stop_by = None;
     loop {
         tokio::select! {
             _ = chld.recv() => {}
-            () = cancel.cancelled(), if stop_by.is_none() => {
-                stop_by = Some(tokio::time::Instant::now() + ORPHANS_AT_SHUTDOWN);
-            }
-            () = tokio::time::sleep(Duration::from_millis(100)), if stop_by.is_some() => {}
+            () = cancel.cancelled() => return,
         }
         let Ok(mut list) = adoptees.lock() else {
             return;
         };
         list.retain(|(pidfd, wrapper)| still_watched(pidfd, *wrapper));
-        if stop_by.is_some_and(|t| list.is_empty() || tokio::time::Instant::now() >= t) {
-            return;
-        }
     }
 }
-
-/// How long shutdown waits for a dead template's kernels (see [`adopt_orphans`]).
-const ORPHANS_AT_SHUTDOWN: Duration = Duration::from_secs(10);
 
 /// Whether the kernel `pidfd` refers to may still need us; reaps it (and
 /// tells its wrapper) if it has ended as our child.
