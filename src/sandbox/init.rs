@@ -21,10 +21,9 @@
 //! `launch` (no template: start the kernel as above). A forked kernel is
 //! the template's child, not init's: the template reaps it and writes
 //! `exit CODE` on init's stdin (the server's lifeline pipe), and init exits
-//! with that code; that line may even come before the server's word. (If
-//! the template dies first, the server, a child subreaper, inherits the
-//! kernel and does the template's part.) Init reaps the namespace's orphans
-//! as they come (SIGCHLD). The kernel leads a session of its own,
+//! with that code; that line may even come before the server's word. Init
+//! reaps the namespace's orphans as they come (SIGCHLD), the kernel among
+//! them if the template died first. The kernel leads a session of its own,
 //! so init forwards the signals the server sends its process group
 //! (interrupts) to the kernel's group.
 
@@ -111,7 +110,7 @@ pub(super) fn await_fork(plan: &str, fallback: Command) -> SandboxError {
     });
     loop {
         let _ = chld.wait();
-        reap_orphans();
+        reap_orphans(kernel);
     }
 }
 
@@ -120,13 +119,16 @@ fn exit_code(line: &str) -> Option<i32> {
     line.trim().strip_prefix("exit ")?.parse().ok()
 }
 
-/// Reaps every orphan of the namespace that has ended. (The kernel is never
-/// one: if its template dies, it goes to the server, which then does the
-/// template's part, see `kernel::template`.)
-fn reap_orphans() {
+/// Reaps every orphan that has ended; exits with `kernel`'s status if it
+/// was one of them (the template died first, and its children came to us).
+fn reap_orphans(kernel: Pid) {
     use nix::sys::wait::WaitPidFlag;
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == kernel => std::process::exit(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == kernel => {
+                std::process::exit(128 + sig as i32)
+            }
             Ok(WaitStatus::StillAlive) => return,
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(_) => return, // no children
