@@ -636,7 +636,7 @@ def _fork(req):
     if line and line[0].startswith("ok "):
         _KERNELS[watch] = (pid, report_to)
         # `startup`: the kernel has _mcp_startup (see _load_startup).
-        return {"ok": True, "ns_pid": int(line[0][3:]), "pid": pid, "startup": "_mcp_startup" in sys.modules}
+        return {"ok": True, "ns_pid": int(line[0][3:]), "startup": "_mcp_startup" in sys.modules}
     os.close(report_to)
     _KERNELS[watch] = (pid, None)
     return {"ok": False, "error": line[0] if line else "the kernel ended before it was confined"}

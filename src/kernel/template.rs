@@ -40,12 +40,8 @@
 //! with an error, and the caller launches that kernel instead.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -113,8 +109,6 @@ pub(crate) enum TemplateError {
 pub(crate) struct Forked {
     /// Its pid in the wrapper's PID namespace.
     pub ns_pid: u32,
-    /// Its pid in ours (see [`adopt_orphans`]).
-    pub pid: u32,
     /// It has the server's start-up code loaded (the module `_mcp_startup`,
     /// see `template.py`), so its start-up cell is [`FORKED_STARTUP_CODE`].
     pub startup_loaded: bool,
@@ -130,7 +124,6 @@ type Reply = oneshot::Sender<Result<Forked, TemplateError>>;
 #[derive(Clone)]
 pub(crate) struct Template {
     requests: mpsc::Sender<(String, Reply)>,
-    adoptees: Adoptees,
 }
 
 impl Template {
@@ -141,13 +134,8 @@ impl Template {
         tracker: &TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
-        let adoptees = Adoptees::default();
-        tracker.spawn(adopt_orphans(adoptees.clone(), cancel.clone()));
         tracker.spawn(own(config, rx, cancel));
-        Self {
-            requests: tx,
-            adoptees,
-        }
+        Self { requests: tx }
     }
 
     /// Forks a kernel.
@@ -159,17 +147,10 @@ impl Template {
             .send((line, tx))
             .await
             .map_err(|_| TemplateError::Unavailable)?;
-        let forked = match tokio::time::timeout(WAIT_FOR_TEMPLATE + FORK_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r?,
-            _ => return Err(TemplateError::Unavailable),
-        };
-        let pidfd = rustix::process::Pid::from_raw(forked.pid as i32).and_then(|p| {
-            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-        });
-        if let (Some(fd), Ok(mut list)) = (pidfd, self.adoptees.lock()) {
-            list.push((fd, request.wrapper_pid));
+        match tokio::time::timeout(WAIT_FOR_TEMPLATE + FORK_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            _ => Err(TemplateError::Unavailable),
         }
-        Ok(forked)
     }
 }
 
@@ -308,16 +289,14 @@ async fn fork_one(
     struct Answer {
         ok: bool,
         ns_pid: Option<u32>,
-        pid: Option<u32>,
         #[serde(default)]
         startup: bool,
         error: Option<String>,
     }
     let a: Answer = serde_json::from_str(&reply).map_err(|e| format!("bad answer: {e}"))?;
-    Ok(match (a.ok, a.ns_pid, a.pid) {
-        (true, Some(ns_pid), Some(pid)) if ns_pid > 1 && pid > 1 => Ok(Forked {
-            ns_pid,
-            pid,
+    Ok(match (a.ok, a.ns_pid) {
+        (true, Some(pid)) if pid > 1 => Ok(Forked {
+            ns_pid: pid,
             startup_loaded: a.startup,
         }),
         _ => Err(TemplateError::Fork(
@@ -398,86 +377,4 @@ async fn spawn(config: &TemplateConfig) -> Result<Running, String> {
             "it did not finish its imports within {READY_TIMEOUT:?}"
         )),
     }
-}
-
-/// Kernels whose template could die before them: a pidfd of each, and its
-/// wrapper's pid (see [`adopt_orphans`]).
-type Adoptees = Arc<std::sync::Mutex<Vec<(OwnedFd, u32)>>>;
-
-/// Stands in for a dead template as the parent of the kernels it forked.
-///
-/// A kernel is the template's child: the template reaps it and tells its
-/// wrapper how it ended (`exit CODE` on the wrapper's stdin). If the
-/// template dies first, Linux gives its children to the nearest ancestor
-/// that is a child subreaper, which this server makes itself (rather than
-/// the host's init, which may never reap them, and a kernel's wrapper
-/// cannot finish exiting until its kernel is reaped). Their ends then come
-/// as SIGCHLD, and this task does the template's part: it reaps each and
-/// writes `exit CODE` to its wrapper. Entries of kernels the template
-/// reaped are dropped at the next SIGCHLD (every wrapper's exit sends one).
-/// (A kernel that ends in the instant its template dies, after this task
-/// looked and before the template reaped it, is missed: its wrapper then
-/// never exits.)
-async fn adopt_orphans(adoptees: Adoptees, cancel: CancellationToken) {
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-        tracing::warn!(
-            "cannot become a child subreaper ({e}): the death of a kernel whose template died first will not be noticed"
-        );
-        return;
-    }
-    let mut chld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-        Ok(s) => s,
-        Err(e) => return tracing::warn!("cannot watch for orphaned kernels: {e}"),
-    };
-    loop {
-        tokio::select! {
-            _ = chld.recv() => {}
-            () = cancel.cancelled() => return,
-        }
-        let Ok(mut list) = adoptees.lock() else {
-            return;
-        };
-        list.retain(|(pidfd, wrapper)| still_watched(pidfd, *wrapper));
-    }
-}
-
-/// Whether the kernel `pidfd` refers to may still need us; reaps it (and
-/// tells its wrapper) if it has ended as our child.
-fn still_watched(pidfd: &OwnedFd, wrapper: u32) -> bool {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    use rustix::process::{WaitId, WaitIdOptions, waitid};
-    let status = match waitid(
-        WaitId::PidFd(pidfd.as_fd()),
-        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-    ) {
-        Ok(Some(s)) => s,
-        Ok(None) => return true, // ours, still running
-        Err(_) => {
-            // The template's child: keep it while it runs.
-            let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-            let now = Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            return matches!(poll(&mut fds, Some(&now)), Ok(0));
-        }
-    };
-    let code = match (status.exit_status(), status.terminating_signal()) {
-        (Some(c), _) => c,
-        (None, Some(sig)) => 128 + sig,
-        (None, None) => 1,
-    };
-    tracing::debug!(
-        wrapper,
-        "reaped a kernel whose template had died (exit {code})"
-    );
-    let told = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(format!("/proc/{wrapper}/fd/0"))
-        .and_then(|mut f| f.write_all(format!("exit {code}\n").as_bytes()));
-    if let Err(e) = told {
-        tracing::debug!(wrapper, "could not tell the wrapper: {e}");
-    }
-    false
 }
