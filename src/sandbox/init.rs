@@ -22,8 +22,8 @@
 //! the template's child, not init's: the template reaps it and writes
 //! `exit CODE` on init's stdin (the server's lifeline pipe), and init exits
 //! with that code; that line may even come before the server's word. Init
-//! reaps the namespace's orphans as they come (SIGCHLD), the kernel among
-//! them if the template died first. The kernel leads a session of its own,
+//! reaps the namespace's orphans as they come (SIGCHLD). (A dead template's
+//! kernels go to the host's init, not to us: see ARCHITECTURE.md.) The kernel leads a session of its own,
 //! so init forwards the signals the server sends its process group
 //! (interrupts) to the kernel's group.
 
