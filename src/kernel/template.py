@@ -147,7 +147,7 @@ def _prepare(options):
     matplotlib's inline backend (_warm_up runs cells through it later). A
     kernel then only makes what is its own (`_finish_prepared`): its profile
     folder, connection file, session key, sockets, threads. Nothing here
-    holds a descriptor a kernel would keep (the helper closes them all) or
+    holds a descriptor a kernel would keep (each kernel closes them all) or
     starts a thread (checked before every fork).
     """
     global _PREPARED
@@ -588,11 +588,13 @@ _MODULE_NAMES = None
 def _fork(req):
     if _threads() != 1:
         return {"ok": False, "error": f"the template has {_threads()} threads; refusing to fork"}
-    # What the template made since its last fork is frozen too: a kernel's
-    # collections never scan (so never write) the template's objects.
+    # The module names a kernel's %reset --aggressive keeps (see init_code
+    # in _finish_prepared), made again only if modules were added.
     global _MODULE_NAMES
     if _MODULE_NAMES is None or len(_MODULE_NAMES) != len(sys.modules):
         _MODULE_NAMES = set(sys.modules)
+    # What the template made since its last fork is frozen too: a kernel's
+    # collections never scan (so never write) the template's objects.
     gc.freeze()
     wrapper = int(req["wrapper_pid"])
     report_to = os.open(f"/proc/{wrapper}/fd/0", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)

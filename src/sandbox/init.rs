@@ -120,7 +120,8 @@ fn exit_code(line: &str) -> Option<i32> {
 }
 
 /// Reaps every orphan that has ended; exits with `kernel`'s status if it
-/// was one of them (the template died first, and its children came to us).
+/// was one of them. (A forked kernel never is: a dead template's kernels go
+/// to the host's init, see ARCHITECTURE.md; the check is kept for safety.)
 fn reap_orphans(kernel: Pid) {
     use nix::sys::wait::WaitPidFlag;
     loop {
