@@ -229,6 +229,13 @@ async fn a_killed_template_is_replaced() {
         assert_eq!(result(&v), "42");
     }
     assert_eq!(result(&s.exec(&old, "x + 1").await), "42");
+    // The old kernel was the dead template's child; its wrapper, to which
+    // it passed, notices its death and how it died.
+    let v = s.exec(&old, "import os; os._exit(7)").await;
+    assert!(
+        err(&v).contains("KernelDied") && err(&v).contains("7"),
+        "{v}"
+    );
 
     let second = wait_template(s.pid, Some(first)).await;
     assert_ne!(first, second);
@@ -242,9 +249,13 @@ async fn a_killed_template_is_replaced() {
             assert_eq!(v["success"], false, "{v}");
             assert!(err(&v).contains("Timeout"), "{v}");
             assert_eq!(result(&s.exec(&id, "y").await), "5");
-            // A forked kernel that dies is noticed.
+            // A forked kernel that dies is noticed, with its exit code
+            // (the template reaps it and tells its wrapper).
             let v = s.exec(&id, "import os; os._exit(3)").await;
-            assert!(err(&v).contains("KernelDied"), "{v}");
+            assert!(
+                err(&v).contains("KernelDied") && err(&v).contains("exit code 3"),
+                "{v}"
+            );
             break;
         }
         assert!(

@@ -20,7 +20,9 @@
 //! template's child, which reaps it and writes `exit CODE` on the wrapper's
 //! stdin; the wrapper, which the server owns as before, exits with that
 //! code: death detection, interrupts (forwarded by the wrapper), shutdown
-//! and the lifeline work unchanged.
+//! and the lifeline work unchanged. If the template dies first, its kernels
+//! come to the server (a child subreaper), and [`adopt_orphans`] does the
+//! template's part for them.
 //!
 //! What a kernel's start does the same way in every kernel is done once in
 //! the template, before it says it is ready (`template.py`, `_prepare`):
@@ -40,6 +42,8 @@
 //! with an error, and the caller launches that kernel instead.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -134,6 +138,16 @@ impl Template {
         tracker: &TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(64);
+        // Before the template starts: its kernels come to us if it dies.
+        match nix::sys::prctl::set_child_subreaper(true) {
+            Ok(()) => {
+                tracker.spawn(adopt_orphans(cancel.clone()));
+            }
+            Err(e) => tracing::warn!(
+                "cannot become a child subreaper ({e}): the death of a kernel whose template \
+                 died first will not be noticed"
+            ),
+        }
         tracker.spawn(own(config, rx, cancel));
         Self { requests: tx }
     }
@@ -376,5 +390,148 @@ async fn spawn(config: &TemplateConfig) -> Result<Running, String> {
         Err(_) => Err(format!(
             "it did not finish its imports within {READY_TIMEOUT:?}"
         )),
+    }
+}
+
+/// Stands in for a dead template as the parent of the kernels it forked.
+///
+/// A kernel is the template's child: the template reaps it and tells its
+/// wrapper how it ended (`exit CODE` on the wrapper's stdin). If the
+/// template dies first (killed, or stopped at shutdown while its kernels
+/// are still ending), Linux gives its children to the nearest ancestor that
+/// is a child subreaper, which the server makes itself in
+/// [`Template::start`] (else they would go to the host's init, which may
+/// never reap them, and a wrapper cannot finish exiting until its kernel is
+/// reaped). Their ends come as SIGCHLD, and this task does the template's
+/// part ([`reap_adopted`]). At shutdown it outlives the other tasks until
+/// no kernel of ours is left (or a bound passes), looking every 100 ms
+/// besides SIGCHLD.
+async fn adopt_orphans(cancel: CancellationToken) {
+    let mut chld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("cannot watch for orphaned kernels: {e}"),
+    };
+    let mut stop_by = None;
+    loop {
+        tokio::select! {
+            _ = chld.recv() => {}
+            () = cancel.cancelled(), if stop_by.is_none() => {
+                stop_by = Some(tokio::time::Instant::now() + ORPHANS_AT_SHUTDOWN);
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)), if stop_by.is_some() => {}
+        }
+        let left = tokio::task::spawn_blocking(reap_adopted)
+            .await
+            .unwrap_or_default();
+        if stop_by.is_some_and(|t| left == 0 || tokio::time::Instant::now() >= t) {
+            return;
+        }
+    }
+}
+
+/// How long shutdown waits for a dead template's kernels (see [`adopt_orphans`]).
+const ORPHANS_AT_SHUTDOWN: Duration = Duration::from_secs(10);
+
+/// Reaps the kernels that came to us from a dead template and have ended,
+/// and writes `exit CODE` to each one's wrapper. Returns how many of our
+/// children may still bring us kernels: wrappers, kernels, templates.
+///
+/// Found from `/proc`, without a list of our own that a fork in flight when
+/// the template died could miss: an adopted kernel is a child of ours that
+/// lives in a PID namespace below ours without being its first process (a
+/// wrapper is its namespace's pid 1; the template and everything else we
+/// start live in ours). Its wrapper is the child of ours that is pid 1 of
+/// the same namespace. Only this task reaps such processes (tokio reaps
+/// only the children it started), so a pid read here is not reused before
+/// this task's `waitpid`.
+fn reap_adopted() -> usize {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    struct Child {
+        pid: i32,
+        zombie: bool,
+        /// Its pid in its innermost PID namespace, if below ours.
+        nested: Option<u32>,
+        ns: Option<PathBuf>,
+    }
+    let me = std::process::id() as i32;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let children: Vec<Child> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command's name (in parentheses, which it may contain).
+            let mut rest = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+            let state = rest.next()?;
+            (rest.next()?.parse::<i32>().ok()? == me).then_some(())?;
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let levels: Vec<u32> = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))?
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            let nested = (levels.len() > 1).then(|| levels[levels.len() - 1]);
+            Some(Child {
+                pid,
+                zombie: state == "Z",
+                nested,
+                ns: nested.and_then(|_| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()),
+            })
+        })
+        .collect();
+    let mut reaped = 0;
+    for kernel in children.iter().filter(|c| c.nested.is_some_and(|p| p != 1)) {
+        if !kernel.zombie {
+            continue;
+        }
+        let code = match waitpid(
+            nix::unistd::Pid::from_raw(kernel.pid),
+            Some(WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::Exited(_, code)) => code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => 128 + sig as i32,
+            _ => continue,
+        };
+        reaped += 1;
+        let wrapper = children
+            .iter()
+            .find(|w| w.nested == Some(1) && w.ns.is_some() && w.ns == kernel.ns);
+        tracing::debug!(
+            pid = kernel.pid,
+            "reaped a kernel whose template had died (exit {code})"
+        );
+        if let Some(w) = wrapper {
+            let told = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(format!("/proc/{}/fd/0", w.pid))
+                .and_then(|mut f| f.write_all(format!("exit {code}\n").as_bytes()));
+            if let Err(e) = told {
+                tracing::debug!(wrapper = w.pid, "could not tell the wrapper: {e}");
+            }
+        }
+    }
+    // What may still bring us kernels: a wrapper (when it dies, what is
+    // left in its namespace may come to us), a kernel, a template.
+    let nested = children.iter().filter(|c| c.nested.is_some()).count();
+    nested - reaped
+        + children
+            .iter()
+            .filter(|c| c.nested.is_none() && is_template(c.pid))
+            .count()
+}
+
+/// Whether our child `pid` is a kernel template (its command line names it;
+/// a template that has ended but is not reaped yet counts too: its kernels
+/// may not have come to us yet).
+fn is_template(pid: i32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        // A zombie (tokio reaps it soon): a template if it ran Python.
+        Ok(c) if c.is_empty() => std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|n| n.starts_with("python")),
+        Ok(c) => c.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        Err(_) => false,
     }
 }

@@ -21,9 +21,10 @@
 //! `launch` (no template: start the kernel as above). A forked kernel is
 //! the template's child, not init's: the template reaps it and writes
 //! `exit CODE` on init's stdin (the server's lifeline pipe), and init exits
-//! with that code; that line may even come before the server's word. Init
-//! reaps the namespace's orphans as they come (SIGCHLD). (A dead template's
-//! kernels go to the host's init, not to us: see ARCHITECTURE.md.) The kernel leads a session of its own,
+//! with that code; that line may even come before the server's word. (If
+//! the template dies first, the server, a child subreaper, inherits the
+//! kernel and does the template's part.) Init reaps the namespace's orphans
+//! as they come (SIGCHLD). The kernel leads a session of its own,
 //! so init forwards the signals the server sends its process group
 //! (interrupts) to the kernel's group.
 
@@ -110,7 +111,7 @@ pub(super) fn await_fork(plan: &str, fallback: Command) -> SandboxError {
     });
     loop {
         let _ = chld.wait();
-        reap_orphans(kernel);
+        reap_orphans();
     }
 }
 
@@ -119,17 +120,13 @@ fn exit_code(line: &str) -> Option<i32> {
     line.trim().strip_prefix("exit ")?.parse().ok()
 }
 
-/// Reaps every orphan that has ended; exits with `kernel`'s status if it
-/// was one of them. (A forked kernel never is: a dead template's kernels go
-/// to the host's init, see ARCHITECTURE.md; the check is kept for safety.)
-fn reap_orphans(kernel: Pid) {
+/// Reaps every orphan of the namespace that has ended. (The kernel is never
+/// one: if its template dies, it goes to the server, which then does the
+/// template's part, see `kernel::template`.)
+fn reap_orphans() {
     use nix::sys::wait::WaitPidFlag;
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == kernel => std::process::exit(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == kernel => {
-                std::process::exit(128 + sig as i32)
-            }
             Ok(WaitStatus::StillAlive) => return,
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(_) => return, // no children
