@@ -21,8 +21,6 @@ pub struct Config {
     pub python: Option<PathBuf>,
     /// Where provisioned kernel environments live.
     pub envs_dir: PathBuf,
-    /// Interpreter used to create the provisioned environment.
-    pub base_python: PathBuf,
     pub session_timeout: Duration,
     pub cleanup_interval: Duration,
     pub execution_timeout: Duration,

@@ -67,9 +67,10 @@ struct Args {
     /// [default: $XDG_DATA_HOME/mcp-python-interpreter, else ~/.local/share/mcp-python-interpreter].
     #[arg(long, env = "MCP_ENVS_DIR")]
     envs_dir: Option<PathBuf>,
-    /// Python used to create the provisioned environment.
-    #[arg(long, default_value = "python3", env = "MCP_BASE_PYTHON")]
-    base_python: PathBuf,
+    /// Python used to create the provisioned environment [default: a CPython 3.12 or
+    /// 3.13 of the machine (PATH, pyenv, uv), whose kernels share more memory, else python3].
+    #[arg(long, env = "MCP_BASE_PYTHON")]
+    base_python: Option<PathBuf>,
     /// Only provision the kernel environment, then exit [default: off; no environment variable].
     #[arg(long)]
     provision_only: bool,
@@ -348,7 +349,10 @@ fn main() -> anyhow::Result<()> {
     let python = match (&args.python, &args.kernel_gateway) {
         (Some(p), _) => Some(environment::existing(p)?),
         (None, Some(_)) if !args.provision_only => None,
-        (None, _) => Some(environment::provision(&envs_dir, &args.base_python)?),
+        (None, _) => Some(environment::provision(
+            &envs_dir,
+            args.base_python.as_deref(),
+        )?),
     };
     if args.provision_only {
         if let Some(python) = &python {
@@ -422,7 +426,6 @@ fn main() -> anyhow::Result<()> {
         data_dir: args.data_dir.unwrap_or_else(|| home_data.join("sessions")),
         python: args.python,
         envs_dir,
-        base_python: args.base_python,
         session_timeout: Duration::from_secs(args.session_timeout),
         cleanup_interval: Duration::from_secs(args.cleanup_interval),
         execution_timeout: Duration::from_secs_f64(args.execution_timeout),

@@ -461,5 +461,21 @@ async fn kernels_on_the_templates_objects_behave_as_any() {
         result(&s.exec(&id, "get_ipython().execution_count").await),
         result(&s.exec(&id, "get_ipython().execution_count - 1").await)
     );
+    // From Python 3.12 on, what the template made is immortal in kernels
+    // forked after its warm-up (their references are not counted, so its
+    // pages stay shared); what a kernel makes is counted as usual.
+    let (_, v) = s
+        .new_session(
+            "import sys, json\nmine = [object()]\n\
+             (sys.version_info >= (3, 12), sys.getrefcount(json.dumps) >= 2**31, \
+             sys.getrefcount(json) >= 2**31, sys.getrefcount(mine) < 100, \
+             sys.getrefcount(mine[0]) < 100)",
+        )
+        .await;
+    let r = result(&v);
+    assert!(
+        r == "(True, True, True, True, True)" || r == "(False, False, False, True, True)",
+        "{r}"
+    );
     s.stop().await;
 }
