@@ -203,6 +203,13 @@ const PREFERRED_MINORS: [u32; 2] = [12, 13];
 /// installed by pyenv or uv in their usual folders), else `python3`.
 pub fn default_base_python() -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from);
+    let root = |var: &str, under_home: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(under_home)))
+    };
+    let pyenv = root("PYENV_ROOT", ".pyenv").map(|r| r.join("versions"));
+    let uv = root("XDG_DATA_HOME", ".local/share").map(|r| r.join("uv/python"));
     let mut found: Vec<PathBuf> = Vec::new();
     for minor in PREFERRED_MINORS {
         let name = format!("python3.{minor}");
@@ -215,25 +222,13 @@ pub fn default_base_python() -> PathBuf {
                     .map(|d| d.join(&name)),
             );
         }
-        let pyenv = std::env::var_os("PYENV_ROOT")
-            .map(PathBuf::from)
-            .or_else(|| home.as_ref().map(|h| h.join(".pyenv")));
-        if let Some(root) = pyenv {
-            found.extend(installs(
-                &root.join("versions"),
-                &format!("3.{minor}."),
-                &name,
-            ));
-        }
-        let uv = std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .or_else(|| home.as_ref().map(|h| h.join(".local/share")));
-        if let Some(root) = uv {
-            found.extend(installs(
-                &root.join("uv/python"),
-                &format!("cpython-3.{minor}."),
-                &name,
-            ));
+        for (folder, prefix) in [
+            (&pyenv, format!("3.{minor}.")),
+            (&uv, format!("cpython-3.{minor}.")),
+        ] {
+            if let Some(folder) = folder {
+                found.extend(installs(folder, &prefix, &name));
+            }
         }
     }
     found
