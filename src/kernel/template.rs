@@ -409,8 +409,9 @@ async fn spawn(config: &TemplateConfig) -> Result<Running, String> {
 /// never reap them, and a wrapper cannot finish exiting until its kernel is
 /// reaped). Their ends come as SIGCHLD, and this task does the template's
 /// part ([`reap_adopted`]). At shutdown it outlives the other tasks until
-/// no kernel of ours is left (or a bound passes), looking every 100 ms
-/// besides SIGCHLD.
+/// no wrapper, kernel or template of ours is left (or a bound passes):
+/// when a wrapper dies, what is left in its namespace can come to us too.
+/// It then looks every 100 ms besides SIGCHLD.
 async fn adopt_orphans(cancel: CancellationToken) {
     let mut chld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
         Ok(s) => s,
