@@ -54,24 +54,31 @@ pub struct KernelPython {
     pub mpl_config: Option<PathBuf>,
 }
 
-/// Asks the interpreter where it lives.
-fn prefixes(python: &Path) -> Vec<PathBuf> {
+/// What `python -c code` prints, if it runs and succeeds.
+fn ask(python: &Path, code: &str) -> Option<String> {
     let out = Command::new(python)
-        .args([
-            "-c",
-            "import sys; print(sys.prefix); print(sys.base_prefix); print(sys.exec_prefix)",
-        ])
+        .args(["-c", code])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
-        .output();
-    let mut dirs: Vec<PathBuf> = match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(PathBuf::from)
-            .collect(),
-        _ => Vec::new(),
-    };
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Asks the interpreter where it lives.
+fn prefixes(python: &Path) -> Vec<PathBuf> {
+    let said = ask(
+        python,
+        "import sys; print(sys.prefix); print(sys.base_prefix); print(sys.exec_prefix)",
+    )
+    .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = said
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect();
     // The interpreter itself may be a symlink into yet another folder.
     if let Ok(real) = std::fs::canonicalize(python)
         && let Some(dir) = real.parent().and_then(Path::parent)
@@ -201,7 +208,7 @@ const PREFERRED_MINORS: [u32; 2] = [12, 13];
 /// given: a CPython of [`PREFERRED_MINORS`] if the machine has one that can
 /// make a virtual environment (on `PATH` as `python3.12`/`python3.13`, else
 /// installed by pyenv or uv in their usual folders), else `python3`.
-pub fn default_base_python() -> PathBuf {
+fn default_base_python() -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let root = |var: &str, under_home: &str| {
         std::env::var_os(var)
@@ -248,10 +255,11 @@ fn installs(folder: &Path, prefix: &str, exe: &str) -> Vec<PathBuf> {
             let name = e.ok()?.file_name().into_string().ok()?;
             let rest = name.strip_prefix(prefix)?;
             let patch: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            // CPython releases only (not "3.12.1t", a free-threaded build, or
-            // "3.13.0rc1" and the like); uv's folders go on with "-<platform>".
+            // CPython releases only (not "3.12.1t" or uv's "3.12.8+freethreaded",
+            // free-threaded builds, nor "3.13.0rc1" and the like); uv's
+            // folders go on with "-<platform>".
             let tail = &rest[patch.len()..];
-            if !(tail.is_empty() || tail.starts_with('-')) || tail.contains("freethreaded") {
+            if !(tail.is_empty() || tail.starts_with('-')) {
                 return None;
             }
             Some((
@@ -266,18 +274,13 @@ fn installs(folder: &Path, prefix: &str, exe: &str) -> Vec<PathBuf> {
 
 /// The version of `python` ("3.12.1"), if it runs and can make a virtual
 /// environment with pip (Debian splits `venv` and `ensurepip` off).
-pub fn python_version(python: &Path) -> Option<String> {
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "import sys, venv, ensurepip; print('%d.%d.%d' % sys.version_info[:3])",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let version = String::from_utf8(out.stdout).ok()?.trim().to_string();
-    (out.status.success() && !version.is_empty()).then_some(version)
+fn python_version(python: &Path) -> Option<String> {
+    let version = ask(
+        python,
+        "import sys, venv, ensurepip; print('%d.%d.%d' % sys.version_info[:3])",
+    )?;
+    let version = version.trim();
+    (!version.is_empty()).then(|| version.to_string())
 }
 
 /// Returns the provisioned environment under `envs_root`, creating it first if
